@@ -1,0 +1,751 @@
+//! Broker plumbing: one connection per process with a reconnect loop, a publisher that waits for
+//! confirms with many in flight, and a consumer loop with manual acks, bounded prefetch and a
+//! poison-message path into `video.parking`.
+//!
+//! Why our own reconnect loop rather than lapin's auto-recovery: after a reconnect we must
+//! redeclare the topology and re-send every unconfirmed publish, and consumers must resubscribe
+//! only to the partitions this instance still holds. One supervisor that hands out the current
+//! connection makes all three explicit.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use rand::Rng;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{watch, Mutex, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::messages::Envelope;
+use crate::topology::{Topology, TopologyError, VIRTUAL_KEY_HEADER};
+
+/// Header naming why a message was parked.
+pub const PARKED_REASON_HEADER: &str = "x-parked-reason";
+/// Header naming the queue a parked message came from.
+pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
+/// Header with the RFC 3339 time a message was parked.
+pub const PARKED_AT_HEADER: &str = "x-parked-at";
+/// W3C trace context header.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// Broker failures callers branch on.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No node in the list answered.
+    #[error("cannot connect to RabbitMQ at {urls}: {reason}")]
+    Connect {
+        /// The node list, passwords removed.
+        urls: String,
+        /// The last error.
+        reason: String,
+    },
+    /// Declaring the topology failed.
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    /// The process is shutting down.
+    #[error("shutting down")]
+    Shutdown,
+    /// The broker answered a publish with nack (e.g. a full delay tier with `reject-publish`).
+    #[error("publish to `{exchange}` / `{routing_key}` was refused by the broker (nack)")]
+    Nacked {
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+    },
+    /// A mandatory publish matched no queue.
+    #[error("publish to `{exchange}` / `{routing_key}` was unroutable: {reply}")]
+    Unroutable {
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+        /// The broker's reply text.
+        reply: String,
+    },
+    /// The publish could not be confirmed in time, even after re-sending.
+    #[error("publish to `{exchange}` / `{routing_key}` was not confirmed: {reason}")]
+    Unconfirmed {
+        /// Exchange.
+        exchange: String,
+        /// Routing key.
+        routing_key: String,
+        /// Last error.
+        reason: String,
+    },
+    /// The broker ended a consumer (queue deleted, channel closed).
+    #[error("consumer on `{0}` ended")]
+    ConsumerEnded(String),
+    /// Any other client error.
+    #[error("broker: {0}")]
+    Lapin(#[from] lapin::Error),
+}
+
+/// A URL with its password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        Err(_) => "<unparseable url>".to_owned(),
+    }
+}
+
+/// Settings the broker needs.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// Node URLs, tried in order.
+    pub urls: Vec<SecretString>,
+    /// Shown in the management UI.
+    pub connection_name: String,
+    /// First reconnect delay.
+    pub reconnect_initial: Duration,
+    /// Longest reconnect delay.
+    pub reconnect_max: Duration,
+    /// How long a publish waits for its confirm.
+    pub confirm_timeout: Duration,
+}
+
+impl BrokerOptions {
+    /// From the configuration.
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        let r = &settings.rabbitmq;
+        Self {
+            urls: r.node_urls(),
+            connection_name: r.connection_name.clone(),
+            reconnect_initial: Duration::from_millis(r.reconnect_initial_ms),
+            reconnect_max: Duration::from_millis(r.reconnect_max_ms),
+            confirm_timeout: Duration::from_millis(r.confirm_timeout_ms),
+        }
+    }
+}
+
+/// The process's broker connection, replaced by a new one whenever it drops.
+#[derive(Debug)]
+pub struct Broker {
+    options: BrokerOptions,
+    topology: Topology,
+    current: watch::Sender<Option<Arc<Connection>>>,
+    declared: std::sync::atomic::AtomicBool,
+}
+
+impl Broker {
+    /// Connects to the first node that answers and declares the topology.
+    ///
+    /// # Errors
+    /// [`BrokerError::Connect`] when no node answers; [`BrokerError::Topology`] when the layout
+    /// is refused (e.g. another partition count).
+    pub async fn connect(
+        options: BrokerOptions,
+        topology: Topology,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let connection = connect_any(&options).await?;
+        topology.declare(&connection).await?;
+        let (current, _) = watch::channel(Some(Arc::new(connection)));
+        Ok(Arc::new(Self {
+            options,
+            topology,
+            current,
+            declared: std::sync::atomic::AtomicBool::new(true),
+        }))
+    }
+
+    /// The topology this broker declared.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// True while a connection is up and the topology declared on it.
+    pub fn is_ready(&self) -> bool {
+        self.declared.load(std::sync::atomic::Ordering::Relaxed)
+            && self
+                .current
+                .borrow()
+                .as_ref()
+                .is_some_and(|c| c.status().connected())
+    }
+
+    /// The current connection, waiting for a reconnect if there is none.
+    ///
+    /// # Errors
+    /// [`BrokerError::Shutdown`] when `shutdown` fires first.
+    pub async fn connection(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<Arc<Connection>, BrokerError> {
+        let mut rx = self.current.subscribe();
+        loop {
+            if let Some(c) = rx.borrow_and_update().as_ref() {
+                if c.status().connected() {
+                    return Ok(c.clone());
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Err(BrokerError::Shutdown),
+                changed = rx.changed() => if changed.is_err() { return Err(BrokerError::Shutdown) },
+                // A connection that dies is noticed by the supervisor; poll in case we raced it.
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
+    /// Watches the connection and replaces it when it drops: reconnect with backoff (next node
+    /// in the list first), redeclare, publish the new connection. Returns when `shutdown` fires,
+    /// after closing the connection.
+    pub async fn supervise(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut delay = self.options.reconnect_initial;
+        loop {
+            let current = self.current.borrow().clone();
+            match current {
+                Some(conn) if conn.status().connected() => {
+                    delay = self.options.reconnect_initial;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {
+                            let _ = conn.close(200, "shutdown".into()).await;
+                            self.current.send_replace(None);
+                            return;
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+                _ => {
+                    if self.current.borrow().is_some() {
+                        warn!("broker connection lost; reconnecting");
+                        self.current.send_replace(None);
+                        self.declared
+                            .store(false, std::sync::atomic::Ordering::Relaxed);
+                        metrics::counter!("video_broker_reconnects_total").increment(1);
+                    }
+                    let attempt = async {
+                        let conn = connect_any(&self.options).await?;
+                        self.topology.declare(&conn).await?;
+                        Ok::<_, BrokerError>(conn)
+                    };
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        result = attempt => match result {
+                            Ok(conn) => {
+                                info!("broker connection re-established and topology redeclared");
+                                self.declared.store(true, std::sync::atomic::Ordering::Relaxed);
+                                self.current.send_replace(Some(Arc::new(conn)));
+                            }
+                            Err(e) => {
+                                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "reconnect failed");
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => return,
+                                    _ = tokio::time::sleep(jitter(delay)) => {}
+                                }
+                                delay = (delay * 2).min(self.options.reconnect_max);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(ms / 2 + rand::rng().random_range(0..=ms / 2 + 1))
+}
+
+async fn connect_any(options: &BrokerOptions) -> Result<Connection, BrokerError> {
+    let mut last = String::from("no URL configured");
+    for url in &options.urls {
+        let props = ConnectionProperties::default()
+            .with_connection_name(options.connection_name.as_str().into());
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(url.expose_secret(), props),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => {
+                info!(node = %redact_url(url.expose_secret()), "connected to RabbitMQ");
+                return Ok(conn);
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out after 10 s".to_owned(),
+        }
+        debug!(node = %redact_url(url.expose_secret()), error = %last, "node did not answer");
+    }
+    Err(BrokerError::Connect {
+        urls: options
+            .urls
+            .iter()
+            .map(|u| redact_url(u.expose_secret()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        reason: last,
+    })
+}
+
+fn properties(message: &Envelope) -> BasicProperties {
+    {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            VIRTUAL_KEY_HEADER.into(),
+            AMQPValue::LongString(message.virtual_key.as_str().into()),
+        );
+        if let Some(tp) = &message.traceparent {
+            headers.insert(
+                TRACEPARENT_HEADER.into(),
+                AMQPValue::LongString(tp.as_str().into()),
+            );
+        }
+        for (k, v) in &message.extra_headers {
+            headers.insert(k.as_str().into(), AMQPValue::LongString(v.as_str().into()));
+        }
+        BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(message.message_id.as_str().into())
+            .with_type(message.message_type.as_str().into())
+            .with_correlation_id(message.correlation_id.as_str().into())
+            .with_timestamp(u64::try_from(Utc::now().timestamp()).unwrap_or(0))
+            .with_headers(headers)
+    }
+}
+
+/// Publishes with confirms. Cheap to clone; every clone shares one confirm channel, on which
+/// many publishes are in flight at once (one publish waiting for its own confirm before the next
+/// caps a channel near 1k msg/s here).
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    broker: Arc<Broker>,
+    channel: Arc<Mutex<Option<Channel>>>,
+    shutdown: CancellationToken,
+}
+
+impl Publisher {
+    /// A publisher on `broker`. `shutdown` stops waiting for a reconnect.
+    pub fn new(broker: Arc<Broker>, shutdown: CancellationToken) -> Self {
+        Self {
+            broker,
+            channel: Arc::new(Mutex::new(None)),
+            shutdown,
+        }
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    async fn confirm_channel(&self) -> Result<Channel, BrokerError> {
+        let mut guard = self.channel.lock().await;
+        if let Some(ch) = guard.as_ref() {
+            if ch.status().connected() {
+                return Ok(ch.clone());
+            }
+        }
+        let conn = self.broker.connection(&self.shutdown).await?;
+        let ch = conn.create_channel().await?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await?;
+        *guard = Some(ch.clone());
+        Ok(ch)
+    }
+
+    /// Publishes and waits for the broker's confirm. Connection and channel failures are retried
+    /// (the same `message_id` is re-sent) until the message is confirmed, refused, or the process
+    /// shuts down; a nack or an unroutable mandatory message is an error at once.
+    ///
+    /// # Errors
+    /// [`BrokerError::Nacked`], [`BrokerError::Unroutable`], [`BrokerError::Shutdown`], or
+    /// [`BrokerError::Unconfirmed`] after repeated failures.
+    pub async fn publish(&self, message: &Envelope) -> Result<(), BrokerError> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let result = self.publish_once(message).await;
+            match result {
+                Ok(()) => {
+                    metrics::counter!("video_broker_published_total").increment(1);
+                    return Ok(());
+                }
+                Err(
+                    e @ (BrokerError::Nacked { .. }
+                    | BrokerError::Unroutable { .. }
+                    | BrokerError::Shutdown),
+                ) => return Err(e),
+                Err(e) if attempt >= 20 => {
+                    return Err(BrokerError::Unconfirmed {
+                        exchange: message.exchange.clone(),
+                        routing_key: message.routing_key.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+                Err(e) => {
+                    debug!(error = %e, attempt, "publish not confirmed; re-sending");
+                    metrics::counter!("video_broker_republished_total").increment(1);
+                    // Drop the channel so the next attempt opens a fresh one.
+                    self.channel.lock().await.take();
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Err(BrokerError::Shutdown),
+                        _ = tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt.min(20)))) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn publish_once(&self, message: &Envelope) -> Result<(), BrokerError> {
+        let channel = self.confirm_channel().await?;
+        let confirm = channel
+            .basic_publish(
+                message.exchange.as_str().into(),
+                message.routing_key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: message.mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                &message.body,
+                properties(message),
+            )
+            .await?;
+        let confirmation = tokio::time::timeout(self.broker.options.confirm_timeout, confirm)
+            .await
+            .map_err(|_| BrokerError::Unconfirmed {
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+                reason: "confirm timed out".to_owned(),
+            })??;
+        match confirmation {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(returned)) => Err(BrokerError::Unroutable {
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+                reply: returned.reply_text.to_string(),
+            }),
+            Confirmation::Nack(_) => Err(BrokerError::Nacked {
+                exchange: message.exchange.clone(),
+                routing_key: message.routing_key.clone(),
+            }),
+        }
+    }
+
+    /// Parks a delivery in `video.parking` with the reason in a header. Keeps the original body,
+    /// properties and headers.
+    ///
+    /// # Errors
+    /// When the parking queue cannot take it (the caller must not ack then).
+    pub async fn park(&self, delivery: &Incoming, reason: &str) -> Result<(), BrokerError> {
+        let mut extra = vec![
+            (PARKED_REASON_HEADER.to_owned(), truncate(reason, 1000)),
+            (ORIGINAL_QUEUE_HEADER.to_owned(), delivery.queue.clone()),
+            (
+                PARKED_AT_HEADER.to_owned(),
+                crate::messages::rfc3339(crate::messages::now()),
+            ),
+            (
+                "x-original-routing-key".to_owned(),
+                delivery.routing_key.clone(),
+            ),
+        ];
+        if !delivery.exchange.is_empty() {
+            extra.push(("x-original-exchange".to_owned(), delivery.exchange.clone()));
+        }
+        let message = Envelope {
+            exchange: String::new(),
+            routing_key: self.broker.topology().parking_queue(),
+            body: delivery.body.clone(),
+            message_id: delivery
+                .message_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            message_type: delivery.message_type.clone().unwrap_or_default(),
+            correlation_id: delivery.correlation_id.clone().unwrap_or_default(),
+            virtual_key: delivery.virtual_key.clone().unwrap_or_default(),
+            traceparent: delivery.traceparent.clone(),
+            extra_headers: extra,
+            mandatory: true,
+        };
+        self.publish(&message).await?;
+        metrics::counter!("video_parked_messages_total", "queue" => delivery.queue.clone())
+            .increment(1);
+        Ok(())
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// A delivery, decoupled from lapin so handlers and tests can build one.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    /// The queue it came from.
+    pub queue: String,
+    /// Exchange it was published to.
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body.
+    pub body: Vec<u8>,
+    /// `message_id` property.
+    pub message_id: Option<String>,
+    /// `type` property.
+    pub message_type: Option<String>,
+    /// `correlation_id` property.
+    pub correlation_id: Option<String>,
+    /// `x-virtual-key` header.
+    pub virtual_key: Option<String>,
+    /// `traceparent` header.
+    pub traceparent: Option<String>,
+    /// Redelivered after a crash or a nack.
+    pub redelivered: bool,
+}
+
+impl Incoming {
+    fn from_delivery(queue: &str, d: &lapin::message::Delivery) -> Self {
+        let header = |name: &str| -> Option<String> {
+            d.properties.headers().as_ref().and_then(|h| {
+                h.inner()
+                    .get(&ShortString::from(name))
+                    .and_then(|v| match v {
+                        AMQPValue::LongString(s) => Some(s.to_string()),
+                        AMQPValue::ShortString(s) => Some(s.to_string()),
+                        _ => None,
+                    })
+            })
+        };
+        Self {
+            queue: queue.to_owned(),
+            exchange: d.exchange.to_string(),
+            routing_key: d.routing_key.to_string(),
+            body: d.data.clone(),
+            message_id: d.properties.message_id().as_ref().map(ToString::to_string),
+            message_type: d.properties.kind().as_ref().map(ToString::to_string),
+            correlation_id: d
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(ToString::to_string),
+            virtual_key: header(VIRTUAL_KEY_HEADER),
+            traceparent: header(TRACEPARENT_HEADER),
+            redelivered: d.redelivered,
+        }
+    }
+}
+
+/// What to do with a delivery once handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done (or deliberately dropped): acknowledge.
+    Ack,
+    /// Poison or unprocessable: park with this reason, then acknowledge. Never requeued.
+    Park(String),
+    /// Not done because a dependency is down (database): give it back to the queue after a pause.
+    Requeue,
+}
+
+/// Handles one delivery. Implementations decode, act, and say what to do with the message.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles `delivery`.
+    fn handle(&self, delivery: Incoming) -> impl Future<Output = Outcome> + Send;
+}
+
+/// Where and how to consume.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// Queue name.
+    pub queue: String,
+    /// Prefetch (unacked deliveries the broker sends ahead).
+    pub prefetch: u16,
+    /// Deliveries handled at once by this consumer (shares nothing with other consumers).
+    pub concurrency: usize,
+    /// Pause before requeueing a delivery whose handler asked for it.
+    pub requeue_delay: Duration,
+}
+
+/// Consumes `spec.queue` until `stop` fires, resubscribing after connection loss. Each delivery is
+/// handled in a task owned by a [`TaskTracker`]; on stop the consumer is cancelled first, then
+/// in-flight handlers finish and are acked before the channel closes (prefetched deliveries that
+/// never started go back to the queue when the channel closes).
+pub async fn consume<H: Handler>(
+    broker: Arc<Broker>,
+    publisher: Publisher,
+    spec: ConsumerSpec,
+    handler: Arc<H>,
+    stop: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(spec.concurrency));
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let conn = match broker.connection(&stop).await {
+            Ok(c) => c,
+            Err(_) => return,
+        };
+        match consume_on(&conn, &publisher, &spec, &handler, &limit, &stop).await {
+            Ok(()) => return,
+            Err(e) => {
+                if stop.is_cancelled() {
+                    return;
+                }
+                warn!(queue = %spec.queue, error = %e, "consumer interrupted; resubscribing");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn consume_on<H: Handler>(
+    conn: &Connection,
+    publisher: &Publisher,
+    spec: &ConsumerSpec,
+    handler: &Arc<H>,
+    limit: &Arc<Semaphore>,
+    stop: &CancellationToken,
+) -> Result<(), BrokerError> {
+    let channel = conn.create_channel().await?;
+    channel
+        .basic_qos(spec.prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            spec.queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let tag = consumer.tag();
+    debug!(queue = %spec.queue, "consuming");
+    let tracker = TaskTracker::new();
+    let result = loop {
+        // Take a permit before pulling the next delivery so at most `concurrency` run.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break Ok(()) },
+        };
+        let next = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            n = consumer.next() => n,
+        };
+        let delivery = match next {
+            None => break Err(BrokerError::ConsumerEnded(spec.queue.clone())),
+            Some(Err(e)) => break Err(BrokerError::Lapin(e)),
+            Some(Ok(d)) => d,
+        };
+        let incoming = Incoming::from_delivery(&spec.queue, &delivery);
+        let publisher = publisher.clone();
+        let handler = handler.clone();
+        let requeue_delay = spec.requeue_delay;
+        let stop_task = stop.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let outcome = handler.handle(incoming.clone()).await;
+            settle(
+                &publisher,
+                &delivery,
+                &incoming,
+                outcome,
+                requeue_delay,
+                &stop_task,
+            )
+            .await;
+        });
+    };
+    // Hand-over order: stop pulling, let in-flight handlers finish and settle, then cancel the
+    // consumer; closing the channel returns prefetched deliveries that never started.
+    tracker.close();
+    tracker.wait().await;
+    let _ = channel
+        .basic_cancel(tag, BasicCancelOptions::default())
+        .await;
+    let _ = channel.close(200, "consumer stopped".into()).await;
+    result
+}
+
+async fn settle(
+    publisher: &Publisher,
+    delivery: &lapin::message::Delivery,
+    incoming: &Incoming,
+    outcome: Outcome,
+    requeue_delay: Duration,
+    stop: &CancellationToken,
+) {
+    let result = match outcome {
+        Outcome::Ack => delivery.ack(BasicAckOptions::default()).await,
+        Outcome::Park(reason) => {
+            warn!(queue = %incoming.queue, message_id = ?incoming.message_id, %reason, "parking message");
+            match publisher.park(incoming, &reason).await {
+                Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+                Err(e) => {
+                    error!(error = %e, "could not park message; returning it to the queue");
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await
+                }
+            }
+        }
+        Outcome::Requeue => {
+            // Pause so a dependency outage does not become a hot redelivery loop; on shutdown
+            // return it at once.
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(requeue_delay) => {}
+            }
+            delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await
+        }
+    };
+    if let Err(e) = result {
+        // The channel is gone: the broker returns the delivery to the queue by itself.
+        debug!(error = %e, "could not settle delivery (channel closed); broker will redeliver");
+    }
+}
+
+/// Runs `fut` with a span carrying the delivery's identifiers.
+pub fn delivery_span(incoming: &Incoming) -> tracing::Span {
+    tracing::info_span!(
+        "message",
+        queue = %incoming.queue,
+        message_id = incoming.message_id.as_deref().unwrap_or(""),
+        message_type = incoming.message_type.as_deref().unwrap_or(""),
+        request_id = incoming.correlation_id.as_deref().unwrap_or(""),
+        virtual_key = incoming.virtual_key.as_deref().unwrap_or(""),
+        traceparent = incoming.traceparent.as_deref().unwrap_or(""),
+    )
+}
+
+/// Instruments `fut` with [`delivery_span`].
+pub fn in_delivery_span<F: Future>(
+    incoming: &Incoming,
+    fut: F,
+) -> tracing::instrument::Instrumented<F> {
+    fut.instrument(delivery_span(incoming))
+}

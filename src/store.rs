@@ -1,0 +1,640 @@
+//! PostgreSQL: tasks, the transactional outbox, partition leases, parked messages, webhooks.
+//!
+//! Every lifecycle transition is a compare-and-set in one statement, so a terminal state never
+//! changes again whatever instance races. The tracker's `check_sequence` only moves forward, by
+//! one conditional UPDATE that exactly one check can win.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::config::DatabaseSettings;
+use crate::messages::Envelope;
+
+/// Embedded migrations, run at start.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Database failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or answered with an error.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations failed.
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A row holds a value this build does not know.
+    #[error("database row: {0}")]
+    Corrupt(String),
+}
+
+/// Lifecycle status of a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// Recorded, not yet accepted by the provider.
+    Pending,
+    /// Accepted by the provider; tracked.
+    Processing,
+    /// Video ready.
+    Completed,
+    /// Failed at the provider or refused.
+    Failed,
+    /// Cancelled by its owner.
+    Cancelled,
+    /// Past `tracking.max_duration_ms`.
+    TimedOut,
+}
+
+impl TaskStatus {
+    /// Database and JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Processing => "processing",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed_out",
+        }
+    }
+
+    /// A terminal status never changes again.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Pending | Self::Processing)
+    }
+
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "pending" => Self::Pending,
+            "processing" => Self::Processing,
+            "completed" => Self::Completed,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            "timed_out" => Self::TimedOut,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown task status `{other}`"
+                )))
+            }
+        })
+    }
+}
+
+/// A task row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    #[allow(missing_docs)]
+    pub request_id: String,
+    #[allow(missing_docs)]
+    pub virtual_key_id: String,
+    #[allow(missing_docs)]
+    pub model: String,
+    #[allow(missing_docs)]
+    pub prompt: String,
+    #[allow(missing_docs)]
+    pub duration_seconds: Option<i32>,
+    #[allow(missing_docs)]
+    pub size: Option<String>,
+    #[allow(missing_docs)]
+    pub provider: String,
+    #[allow(missing_docs)]
+    pub provider_task_id: Option<String>,
+    #[allow(missing_docs)]
+    pub callback_url: Option<String>,
+    #[allow(missing_docs)]
+    pub metadata: Option<serde_json::Value>,
+    #[allow(missing_docs)]
+    pub status: TaskStatus,
+    /// Last published progress (0–100).
+    pub progress: i16,
+    /// Last published progress status (`queued` / `in_progress`).
+    pub progress_status: Option<String>,
+    #[allow(missing_docs)]
+    pub message: Option<String>,
+    #[allow(missing_docs)]
+    pub video_url: Option<String>,
+    #[allow(missing_docs)]
+    pub video_url_expires_at: Option<DateTime<Utc>>,
+    #[allow(missing_docs)]
+    pub video_seconds: Option<f64>,
+    #[allow(missing_docs)]
+    pub error: Option<String>,
+    #[allow(missing_docs)]
+    pub retryable: Option<bool>,
+    #[allow(missing_docs)]
+    pub traceparent: Option<String>,
+    #[allow(missing_docs)]
+    pub created_at: DateTime<Utc>,
+    #[allow(missing_docs)]
+    pub updated_at: DateTime<Utc>,
+    #[allow(missing_docs)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[allow(missing_docs)]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The lowest sequence a check must carry to run.
+    pub check_sequence: i64,
+    /// Checks that ran for this task.
+    pub checks_count: i64,
+    #[allow(missing_docs)]
+    pub next_check_at: Option<DateTime<Utc>>,
+    #[allow(missing_docs)]
+    pub last_check_at: Option<DateTime<Utc>>,
+    /// Set with the terminal transition: a pending check dies on arrival.
+    pub tracking_stopped: bool,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Task {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        let status: String = row.try_get("status")?;
+        Ok(Self {
+            request_id: row.try_get("request_id")?,
+            virtual_key_id: row.try_get("virtual_key_id")?,
+            model: row.try_get("model")?,
+            prompt: row.try_get("prompt")?,
+            duration_seconds: row.try_get("duration_seconds")?,
+            size: row.try_get("size")?,
+            provider: row.try_get("provider")?,
+            provider_task_id: row.try_get("provider_task_id")?,
+            callback_url: row.try_get("callback_url")?,
+            metadata: row.try_get("metadata")?,
+            status: TaskStatus::parse(&status)
+                .map_err(|e| sqlx::Error::Decode(e.to_string().into()))?,
+            progress: row.try_get("progress")?,
+            progress_status: row.try_get("progress_status")?,
+            message: row.try_get("message")?,
+            video_url: row.try_get("video_url")?,
+            video_url_expires_at: row.try_get("video_url_expires_at")?,
+            video_seconds: row.try_get("video_seconds")?,
+            error: row.try_get("error")?,
+            retryable: row.try_get("retryable")?,
+            traceparent: row.try_get("traceparent")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+            check_sequence: row.try_get("check_sequence")?,
+            checks_count: row.try_get("checks_count")?,
+            next_check_at: row.try_get("next_check_at")?,
+            last_check_at: row.try_get("last_check_at")?,
+            tracking_stopped: row.try_get("tracking_stopped")?,
+        })
+    }
+}
+
+/// A task to insert.
+#[derive(Debug, Clone, Default)]
+pub struct NewTask {
+    #[allow(missing_docs)]
+    pub request_id: String,
+    #[allow(missing_docs)]
+    pub virtual_key_id: String,
+    #[allow(missing_docs)]
+    pub model: String,
+    #[allow(missing_docs)]
+    pub prompt: String,
+    #[allow(missing_docs)]
+    pub duration_seconds: Option<i32>,
+    #[allow(missing_docs)]
+    pub size: Option<String>,
+    #[allow(missing_docs)]
+    pub provider: String,
+    #[allow(missing_docs)]
+    pub callback_url: Option<String>,
+    #[allow(missing_docs)]
+    pub metadata: Option<serde_json::Value>,
+    #[allow(missing_docs)]
+    pub traceparent: Option<String>,
+}
+
+/// Fields a lifecycle transition may set (None = leave as is).
+#[derive(Debug, Clone, Default)]
+pub struct TransitionPatch {
+    #[allow(missing_docs)]
+    pub provider_task_id: Option<String>,
+    #[allow(missing_docs)]
+    pub progress: Option<i16>,
+    #[allow(missing_docs)]
+    pub message: Option<String>,
+    #[allow(missing_docs)]
+    pub video_url: Option<String>,
+    #[allow(missing_docs)]
+    pub video_url_expires_at: Option<DateTime<Utc>>,
+    #[allow(missing_docs)]
+    pub video_seconds: Option<f64>,
+    #[allow(missing_docs)]
+    pub error: Option<String>,
+    #[allow(missing_docs)]
+    pub retryable: Option<bool>,
+    /// Set `started_at` and arm tracking: `check_sequence = 0`, `next_check_at`.
+    pub start_tracking_at: Option<DateTime<Utc>>,
+}
+
+/// A claimed outbox row.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Row id.
+    pub id: i64,
+    /// The message.
+    pub envelope: Envelope,
+}
+
+/// Result of an insert.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inserted {
+    /// A new row.
+    New,
+    /// The request id exists; here is the row.
+    Exists(Task),
+}
+
+/// What a tracker's check writes when it advances the chain.
+#[derive(Debug, Clone)]
+pub struct CheckAdvance {
+    /// The sequence of the check that ran.
+    pub sequence: i64,
+    /// When the next check is due (None when the chain ends here).
+    pub next_check_at: Option<DateTime<Utc>>,
+    /// Progress published (kept monotonic by the query).
+    pub progress: Option<i16>,
+    /// Status published.
+    pub progress_status: Option<String>,
+}
+
+/// The database handle. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// Connect options from a settings URL.
+///
+/// # Errors
+/// When the URL does not parse.
+pub fn connect_options(settings: &DatabaseSettings) -> Result<PgConnectOptions, StoreError> {
+    settings
+        .url
+        .expose_secret()
+        .parse::<PgConnectOptions>()
+        .map_err(StoreError::Database)
+}
+
+impl Store {
+    /// Connects and runs the embedded migrations.
+    ///
+    /// # Errors
+    /// When the database is unreachable or a migration fails.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .connect_with(connect_options(settings)?)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (migrations must have run).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// True when a trivial query answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Starts a transaction.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        Ok(self.pool.begin().await?)
+    }
+
+    /// Reads one task.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn get(&self, request_id: &str) -> Result<Option<Task>, StoreError> {
+        Ok(
+            sqlx::query_as::<_, Task>("SELECT * FROM video_tasks WHERE request_id = $1")
+                .bind(request_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Inserts a task in `status` unless its request id exists.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn insert(
+        tx: &mut Transaction<'_, Postgres>,
+        task: &NewTask,
+        status: TaskStatus,
+    ) -> Result<Inserted, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO video_tasks (request_id, virtual_key_id, model, prompt, duration_seconds, size,
+                 provider, callback_url, metadata, traceparent, status,
+                 finished_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+                 CASE WHEN $11 IN ('pending', 'processing') THEN NULL ELSE now() END)
+             ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(&task.request_id)
+        .bind(&task.virtual_key_id)
+        .bind(&task.model)
+        .bind(&task.prompt)
+        .bind(task.duration_seconds)
+        .bind(&task.size)
+        .bind(&task.provider)
+        .bind(&task.callback_url)
+        .bind(&task.metadata)
+        .bind(&task.traceparent)
+        .bind(status.as_str())
+        .execute(&mut **tx)
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(Inserted::New);
+        }
+        let existing = sqlx::query_as::<_, Task>("SELECT * FROM video_tasks WHERE request_id = $1")
+            .bind(&task.request_id)
+            .fetch_one(&mut **tx)
+            .await?;
+        Ok(Inserted::Exists(existing))
+    }
+
+    /// Compare-and-set transition: moves the task to `to` only if its status is one of `from`.
+    /// A terminal `to` also stops tracking and sets `finished_at`. Returns the updated row, or
+    /// `None` when the task was not in `from` (someone else moved it first).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn transition(
+        tx: &mut Transaction<'_, Postgres>,
+        request_id: &str,
+        from: &[TaskStatus],
+        to: TaskStatus,
+        patch: &TransitionPatch,
+    ) -> Result<Option<Task>, StoreError> {
+        let from: Vec<&str> = from.iter().map(|s| s.as_str()).collect();
+        let row = sqlx::query_as::<_, Task>(
+            "UPDATE video_tasks SET
+                 status = $3,
+                 updated_at = now(),
+                 provider_task_id = COALESCE($4, provider_task_id),
+                 progress = COALESCE($5, progress),
+                 message = COALESCE($6, message),
+                 video_url = COALESCE($7, video_url),
+                 video_url_expires_at = COALESCE($8, video_url_expires_at),
+                 video_seconds = COALESCE($9, video_seconds),
+                 error = COALESCE($10, error),
+                 retryable = COALESCE($11, retryable),
+                 started_at = COALESCE($12, started_at),
+                 next_check_at = COALESCE($12, next_check_at),
+                 check_sequence = CASE WHEN $12 IS NULL THEN check_sequence ELSE 0 END,
+                 finished_at = CASE WHEN $3 IN ('pending', 'processing') THEN finished_at ELSE now() END,
+                 tracking_stopped = tracking_stopped OR $3 NOT IN ('pending', 'processing')
+             WHERE request_id = $1 AND status = ANY($2)
+             RETURNING *",
+        )
+        .bind(request_id)
+        .bind(&from)
+        .bind(to.as_str())
+        .bind(&patch.provider_task_id)
+        .bind(patch.progress)
+        .bind(&patch.message)
+        .bind(&patch.video_url)
+        .bind(patch.video_url_expires_at)
+        .bind(patch.video_seconds)
+        .bind(&patch.error)
+        .bind(patch.retryable)
+        .bind(patch.start_tracking_at)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(row)
+    }
+
+    /// Writes a message to the outbox inside the caller's transaction.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn enqueue(
+        tx: &mut Transaction<'_, Postgres>,
+        envelope: &Envelope,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO outbox (message_id, exchange, routing_key, message_type, correlation_id,
+                 virtual_key, traceparent, mandatory, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&envelope.message_id)
+        .bind(&envelope.exchange)
+        .bind(&envelope.routing_key)
+        .bind(&envelope.message_type)
+        .bind(&envelope.correlation_id)
+        .bind(&envelope.virtual_key)
+        .bind(&envelope.traceparent)
+        .bind(envelope.mandatory)
+        .bind(&envelope.body)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Locks up to `limit` unsent outbox rows, oldest first, skipping rows another relay holds.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn claim_outbox(
+        tx: &mut Transaction<'_, Postgres>,
+        limit: i64,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let rows = sqlx::query("SELECT * FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED")
+            .bind(limit)
+            .fetch_all(&mut **tx)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(OutboxRow {
+                    id: r.try_get("id")?,
+                    envelope: Envelope {
+                        exchange: r.try_get("exchange")?,
+                        routing_key: r.try_get("routing_key")?,
+                        body: r.try_get("body")?,
+                        message_id: r.try_get("message_id")?,
+                        message_type: r.try_get("message_type")?,
+                        correlation_id: r.try_get("correlation_id")?,
+                        virtual_key: r.try_get("virtual_key")?,
+                        traceparent: r.try_get("traceparent")?,
+                        extra_headers: Vec::new(),
+                        mandatory: r.try_get("mandatory")?,
+                    },
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(StoreError::from)
+    }
+
+    /// Removes sent outbox rows.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn delete_outbox(
+        tx: &mut Transaction<'_, Postgres>,
+        ids: &[i64],
+    ) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Rows waiting in the outbox.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn outbox_len(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Advances the check chain: succeeds for exactly one check whose `sequence` is not below the
+    /// row's, while the task is processing and tracked. Progress only moves forward.
+    /// Returns false when another check won, or the task stopped meanwhile.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn advance_check(
+        &self,
+        request_id: &str,
+        advance: &CheckAdvance,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE video_tasks SET
+                 check_sequence = $2 + 1,
+                 checks_count = checks_count + 1,
+                 last_check_at = now(),
+                 next_check_at = $3,
+                 progress = GREATEST(progress, COALESCE($4, progress)),
+                 progress_status = COALESCE($5, progress_status),
+                 updated_at = now()
+             WHERE request_id = $1 AND check_sequence <= $2
+               AND status = 'processing' AND NOT tracking_stopped",
+        )
+        .bind(request_id)
+        .bind(advance.sequence)
+        .bind(advance.next_check_at)
+        .bind(advance.progress)
+        .bind(&advance.progress_status)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Processing tasks whose next check is overdue by more than `grace`: each gets its sequence
+    /// bumped (so any late check of the old chain is stale) and its next check pushed to
+    /// `now + next_in`. Returns the tasks with their new `check_sequence`. `FOR UPDATE SKIP
+    /// LOCKED` makes sure one sweeper re-arms a given task.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn rearm_overdue(
+        &self,
+        grace: Duration,
+        next_in: Duration,
+        limit: i64,
+    ) -> Result<Vec<Task>, StoreError> {
+        let rows = sqlx::query_as::<_, Task>(
+            "WITH due AS (
+                 SELECT request_id FROM video_tasks
+                 WHERE status = 'processing' AND NOT tracking_stopped
+                   AND COALESCE(next_check_at, started_at, created_at) < now() - make_interval(secs => $1)
+                 ORDER BY next_check_at
+                 LIMIT $3
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE video_tasks t SET
+                 check_sequence = t.check_sequence + 1,
+                 next_check_at = now() + make_interval(secs => $2),
+                 updated_at = now()
+             FROM due WHERE t.request_id = due.request_id
+             RETURNING t.*",
+        )
+        .bind(grace.as_secs_f64())
+        .bind(next_in.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Tasks still `pending` after `grace` (a crash between insert and submit).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn stale_pending(
+        &self,
+        grace: Duration,
+        limit: i64,
+    ) -> Result<Vec<Task>, StoreError> {
+        Ok(sqlx::query_as::<_, Task>(
+            "SELECT * FROM video_tasks
+             WHERE status = 'pending' AND updated_at < now() - make_interval(secs => $1)
+             ORDER BY created_at LIMIT $2",
+        )
+        .bind(grace.as_secs_f64())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Marks a pending task as touched, so only one sweeper re-drives it per grace period.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn touch_pending(
+        &self,
+        request_id: &str,
+        grace: Duration,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE video_tasks SET updated_at = now()
+             WHERE request_id = $1 AND status = 'pending' AND updated_at < now() - make_interval(secs => $2)",
+        )
+        .bind(request_id)
+        .bind(grace.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Median processing time of the model's recent completed tasks (for progress estimates).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn median_duration(&self, model: &str) -> Result<Option<Duration>, StoreError> {
+        let secs: Option<f64> = sqlx::query_scalar(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM finished_at - started_at))
+             FROM (SELECT finished_at, started_at FROM video_tasks
+                   WHERE status = 'completed' AND model = $1 AND started_at IS NOT NULL
+                   ORDER BY finished_at DESC LIMIT 200) recent",
+        )
+        .bind(model)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(secs
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64))
+    }
+}

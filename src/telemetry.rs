@@ -1,0 +1,37 @@
+//! Logging setup: JSON lines by default, `APP__LOG__FORMAT=pretty` for humans, `RUST_LOG` filters.
+
+use tracing_subscriber::{fmt, prelude::*, EnvFilter};
+
+use crate::config::LogFormat;
+
+/// Installs the global subscriber. Calling it twice is harmless (the second call is ignored),
+/// which lets tests and the demo share one process.
+pub fn init(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        LogFormat::Pretty => registry
+            .with(fmt::layer().compact().with_writer(std::io::stderr))
+            .try_init(),
+    };
+    // Already initialised (tests, demo): keep the first subscriber.
+    let _ = result;
+}
+
+/// For tests: logs only when `TEST_LOG` is set, so test output stays readable.
+pub fn init_for_tests() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        init(LogFormat::Pretty, "info,video_orchestrator=debug");
+    }
+}
