@@ -573,8 +573,9 @@ pub struct ConsumerSpec {
     pub queue: String,
     /// Prefetch (unacked deliveries the broker sends ahead).
     pub prefetch: u16,
-    /// Deliveries handled at once by this consumer (shares nothing with other consumers).
-    pub concurrency: usize,
+    /// Bounds deliveries handled at once; share one semaphore between consumers to bound them
+    /// together (all partitions of an instance).
+    pub limit: Arc<Semaphore>,
     /// Pause before requeueing a delivery whose handler asked for it.
     pub requeue_delay: Duration,
 }
@@ -590,7 +591,7 @@ pub async fn consume<H: Handler>(
     handler: Arc<H>,
     stop: CancellationToken,
 ) {
-    let limit = Arc::new(Semaphore::new(spec.concurrency));
+    let limit = spec.limit.clone();
     loop {
         if stop.is_cancelled() {
             return;

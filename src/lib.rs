@@ -12,13 +12,28 @@
 //! - [`broker`]: connection with reconnect, confirmed publisher, consumer loop with parking.
 //! - [`store`]: PostgreSQL tasks, outbox, leases.
 //! - [`providers`]: the `VideoProvider` trait, its HTTP adapters and the simulated provider.
+//! - [`generation`]: the generation orchestrator (lifecycle, outbox writes).
+//! - [`progress_tracking`]: the self-scheduling check chain; [`partitions`]: who consumes which
+//!   partition; [`sweeper`]: re-arms lost chains.
+//! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks.
+//! - [`http`]: health, readiness, metrics, task lookup; [`app`]: roles, start-up and shutdown;
+//!   [`cli`]: the commands.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
+pub mod app;
 pub mod broker;
+pub mod cli;
 pub mod config;
+pub mod generation;
+pub mod http;
 pub mod messages;
+pub mod partitions;
+pub mod progress_tracking;
 pub mod providers;
+pub mod relay;
 pub mod store;
+pub mod sweeper;
 pub mod telemetry;
 pub mod topology;
+pub mod webhooks;

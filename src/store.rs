@@ -229,8 +229,10 @@ pub struct TransitionPatch {
     pub error: Option<String>,
     #[allow(missing_docs)]
     pub retryable: Option<bool>,
-    /// Set `started_at` and arm tracking: `check_sequence = 0`, `next_check_at`.
+    /// Set `started_at` and arm tracking (`check_sequence = 0`).
     pub start_tracking_at: Option<DateTime<Utc>>,
+    /// When the first check is due.
+    pub next_check_at: Option<DateTime<Utc>>,
 }
 
 /// A claimed outbox row.
@@ -400,7 +402,7 @@ impl Store {
                  error = COALESCE($10, error),
                  retryable = COALESCE($11, retryable),
                  started_at = COALESCE($12, started_at),
-                 next_check_at = COALESCE($12, next_check_at),
+                 next_check_at = COALESCE($13, next_check_at),
                  check_sequence = CASE WHEN $12 IS NULL THEN check_sequence ELSE 0 END,
                  finished_at = CASE WHEN $3 IN ('pending', 'processing') THEN finished_at ELSE now() END,
                  tracking_stopped = tracking_stopped OR $3 NOT IN ('pending', 'processing')
@@ -419,6 +421,7 @@ impl Store {
         .bind(&patch.error)
         .bind(patch.retryable)
         .bind(patch.start_tracking_at)
+        .bind(patch.next_check_at)
         .fetch_optional(&mut **tx)
         .await?;
         Ok(row)
@@ -636,5 +639,66 @@ impl Store {
         Ok(secs
             .filter(|s| s.is_finite() && *s > 0.0)
             .map(Duration::from_secs_f64))
+    }
+}
+
+/// The public view of a task (`status --json`, `GET /v1/tasks/{requestId}`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskView {
+    #[allow(missing_docs)]
+    pub request_id: String,
+    #[allow(missing_docs)]
+    pub virtual_key_id: String,
+    #[allow(missing_docs)]
+    pub status: TaskStatus,
+    #[allow(missing_docs)]
+    pub progress: i16,
+    #[allow(missing_docs)]
+    pub video_url: Option<String>,
+    #[allow(missing_docs)]
+    pub video_url_expires_at: Option<DateTime<Utc>>,
+    #[allow(missing_docs)]
+    pub error: Option<String>,
+    #[allow(missing_docs)]
+    pub retryable: Option<bool>,
+    #[allow(missing_docs)]
+    pub model: String,
+    #[allow(missing_docs)]
+    pub provider: String,
+    #[allow(missing_docs)]
+    pub provider_task_id: Option<String>,
+    #[allow(missing_docs)]
+    pub message: Option<String>,
+    #[allow(missing_docs)]
+    pub created_at: DateTime<Utc>,
+    #[allow(missing_docs)]
+    pub started_at: Option<DateTime<Utc>>,
+    #[allow(missing_docs)]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Progress checks that ran.
+    pub checks: i64,
+}
+
+impl From<&Task> for TaskView {
+    fn from(t: &Task) -> Self {
+        Self {
+            request_id: t.request_id.clone(),
+            virtual_key_id: t.virtual_key_id.clone(),
+            status: t.status,
+            progress: t.progress,
+            video_url: t.video_url.clone(),
+            video_url_expires_at: t.video_url_expires_at,
+            error: t.error.clone(),
+            retryable: t.retryable,
+            model: t.model.clone(),
+            provider: t.provider.clone(),
+            provider_task_id: t.provider_task_id.clone(),
+            message: t.message.clone(),
+            created_at: t.created_at,
+            started_at: t.started_at,
+            finished_at: t.finished_at,
+            checks: t.checks_count,
+        }
     }
 }

@@ -1,0 +1,352 @@
+//! Startup and shutdown: builds the roles a process runs and owns every task they spawn.
+//!
+//! `Application::build` connects (failing fast with a clear error), declares the topology, runs
+//! migrations and binds the HTTP port; `Application::run(shutdown)` runs until the given future
+//! resolves (SIGTERM in the binary, anything in tests), then drains in order: consumers stop
+//! pulling and finish in-flight messages, the relay flushes the outbox, then HTTP and the broker
+//! connection close. No task outlives `run`.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::broker::{consume, Broker, BrokerError, BrokerOptions, ConsumerSpec, Publisher};
+use crate::config::Settings;
+use crate::generation::GenerationOrchestrator;
+use crate::partitions::PartitionManager;
+use crate::progress_tracking::ProgressTracker;
+use crate::providers::{ProviderConfigError, Providers};
+use crate::relay::OutboxRelay;
+use crate::store::{Store, StoreError};
+use crate::sweeper::Sweeper;
+use crate::topology::Topology;
+use crate::webhooks::WebhookDispatcher;
+
+/// A part of the service a process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Consumes `video.generation`.
+    Generation,
+    /// Holds partition leases and consumes their queues.
+    Tracking,
+    /// Re-arms overdue tasks and re-drives stale pending ones.
+    Sweeper,
+    /// Publishes the outbox and delivers webhooks.
+    Relay,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 4] = [Role::Generation, Role::Tracking, Role::Sweeper, Role::Relay];
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "generation" => Ok(Self::Generation),
+            "tracking" => Ok(Self::Tracking),
+            "sweeper" => Ok(Self::Sweeper),
+            "relay" => Ok(Self::Relay),
+            other => Err(format!(
+                "unknown role `{other}` (expected generation, tracking, sweeper or relay)"
+            )),
+        }
+    }
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Broker unreachable or topology refused.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// Database unreachable or migrations failed.
+    #[error("PostgreSQL: {0}")]
+    Store(#[from] StoreError),
+    /// Provider configuration.
+    #[error(transparent)]
+    Providers(#[from] ProviderConfigError),
+    /// HTTP port.
+    #[error("cannot listen on {addr} (http.listen): {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Webhook HTTP client.
+    #[error("webhook client: {0}")]
+    Webhooks(#[from] reqwest::Error),
+}
+
+/// A built, not yet running, service.
+#[derive(Debug)]
+pub struct Application {
+    settings: Settings,
+    roles: BTreeSet<Role>,
+    broker: Arc<Broker>,
+    store: Store,
+    providers: Providers,
+    listener: TcpListener,
+    instance_id: String,
+}
+
+impl Application {
+    /// Connects to the database and the broker, declares the topology and binds HTTP.
+    ///
+    /// # Errors
+    /// [`StartError`] saying which dependency failed and where.
+    pub async fn build(settings: Settings, roles: &[Role]) -> Result<Self, StartError> {
+        crate::http::metrics_handle();
+        let providers = Providers::from_settings(&settings.providers, &settings.routing)?;
+        let store = Store::connect(&settings.database).await?;
+        let topology = Topology::from_settings(&settings);
+        let broker = Broker::connect(BrokerOptions::from_settings(&settings), topology).await?;
+        let listener = TcpListener::bind(settings.http.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: settings.http.listen.to_string(),
+                source,
+            })?;
+        let instance_id = format!(
+            "{}-{}-{}",
+            hostname(),
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        Ok(Self {
+            settings,
+            roles: roles.iter().copied().collect(),
+            broker,
+            store,
+            providers,
+            listener,
+            instance_id,
+        })
+    }
+
+    /// The bound HTTP address (tests bind port 0).
+    pub fn http_addr(&self) -> std::net::SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.settings.http.listen)
+    }
+
+    /// The database handle.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    /// This process's id in leases and logs.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// Runs until `shutdown` resolves, then drains (bounded by `shutdown.grace_ms`).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let Self {
+            settings,
+            roles,
+            broker,
+            store,
+            providers,
+            listener,
+            instance_id,
+        } = self;
+        let topology = broker.topology().clone();
+        let grace = settings.shutdown.grace();
+
+        let consumers_stop = CancellationToken::new();
+        let relay_stop = CancellationToken::new();
+        let infra_stop = CancellationToken::new();
+        let consumers = TaskTracker::new();
+        let relays = TaskTracker::new();
+        let infra = TaskTracker::new();
+
+        infra.spawn(broker.clone().supervise(infra_stop.clone()));
+        // Publishes keep retrying through reconnects until the broker itself shuts down.
+        let publisher = Publisher::new(broker.clone(), infra_stop.clone());
+        let relay_wake = Arc::new(Notify::new());
+        let consumers_running = Arc::new(AtomicBool::new(false));
+
+        if roles.contains(&Role::Generation) {
+            let orchestrator = Arc::new(GenerationOrchestrator::new(
+                store.clone(),
+                providers.clone(),
+                topology.clone(),
+                settings.generation.clone(),
+                settings.tracking.clone(),
+                settings.webhooks.clone(),
+                relay_wake.clone(),
+                consumers_stop.clone(),
+            ));
+            let spec = ConsumerSpec {
+                queue: topology.generation_queue(),
+                prefetch: settings.generation.prefetch,
+                limit: Arc::new(Semaphore::new(settings.generation.concurrency)),
+                requeue_delay: Duration::from_secs(1),
+            };
+            consumers.spawn(consume(
+                broker.clone(),
+                publisher.clone(),
+                spec,
+                orchestrator,
+                consumers_stop.clone(),
+            ));
+        }
+        if roles.contains(&Role::Tracking) {
+            let tracker = Arc::new(ProgressTracker::new(
+                store.clone(),
+                providers.clone(),
+                topology.clone(),
+                publisher.clone(),
+                settings.tracking.clone(),
+                settings.webhooks.clone(),
+            ));
+            let manager = PartitionManager::new(
+                store.clone(),
+                broker.clone(),
+                publisher.clone(),
+                tracker,
+                settings.tracking.clone(),
+                instance_id.clone(),
+            );
+            consumers.spawn(manager.run(consumers_stop.clone()));
+        }
+        if roles.contains(&Role::Sweeper) {
+            let sweeper = Sweeper::new(
+                store.clone(),
+                publisher.clone(),
+                topology.clone(),
+                settings.tracking.clone(),
+                settings.generation.clone(),
+            );
+            consumers.spawn(sweeper.run(consumers_stop.clone()));
+        }
+        if roles.contains(&Role::Relay) {
+            let relay = OutboxRelay::new(
+                store.clone(),
+                publisher.clone(),
+                settings.outbox.clone(),
+                relay_wake.clone(),
+            );
+            relays.spawn(relay.run(relay_stop.clone(), grace));
+            match WebhookDispatcher::new(store.clone(), settings.webhooks.clone()) {
+                Ok(dispatcher) => {
+                    relays.spawn(dispatcher.run(relay_stop.clone()));
+                }
+                Err(e) => warn!(error = %e, "webhook dispatcher not started"),
+            }
+        }
+        consumers_running.store(true, Ordering::Relaxed);
+
+        let http_state = crate::http::HttpState {
+            broker: broker.clone(),
+            store: store.clone(),
+            consumers_running: consumers_running.clone(),
+        };
+        let http_stop = infra_stop.clone();
+        infra.spawn(async move {
+            let server = axum::serve(listener, crate::http::router(http_state))
+                .with_graceful_shutdown(async move { http_stop.cancelled().await });
+            if let Err(e) = server.await {
+                warn!(error = %e, "HTTP server failed");
+            }
+        });
+        info!(
+            instance = %instance_id,
+            roles = ?roles,
+            prefix = %topology.prefix(),
+            partitions = topology.partitions(),
+            "video-orchestrator running"
+        );
+
+        shutdown.await;
+        info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: draining in-flight work"
+        );
+        consumers_running.store(false, Ordering::Relaxed);
+        consumers_stop.cancel();
+        consumers.close();
+        if tokio::time::timeout(grace, consumers.wait()).await.is_err() {
+            warn!("consumers did not finish within the grace period; unacked messages return to their queues");
+        }
+        relay_stop.cancel();
+        relays.close();
+        if tokio::time::timeout(grace, relays.wait()).await.is_err() {
+            warn!(
+                "outbox relay did not finish within the grace period; rows stay for the next relay"
+            );
+        }
+        infra_stop.cancel();
+        infra.close();
+        infra.wait().await;
+        store.pool().close().await;
+        info!("stopped");
+    }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "host".to_owned())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+/// A short description of where the service connects, passwords removed (for start-up errors).
+pub fn describe_targets(settings: &Settings) -> (String, String) {
+    let rabbit = settings
+        .rabbitmq
+        .node_urls()
+        .iter()
+        .map(|u| crate::broker::redact_url(u.expose_secret()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let db = crate::broker::redact_url(settings.database.url.expose_secret());
+    (rabbit, db)
+}

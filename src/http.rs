@@ -1,0 +1,159 @@
+//! HTTP: `/healthz`, `/readyz`, `/metrics` (Prometheus text) and `GET /v1/tasks/{requestId}`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::broker::Broker;
+use crate::store::{Store, TaskView};
+
+/// The process-wide Prometheus recorder (installed once; tests and the demo share it).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("video_progress_scheduling_lag_seconds".to_owned()),
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Suffix("_seconds".to_owned()),
+                        &[
+                            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                            300.0, 600.0, 1800.0,
+                        ],
+                    )
+                })
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (embedding); then ours only renders.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Process metrics from `/proc` (Linux), in Prometheus text format.
+fn process_metrics() -> String {
+    let mut out = String::new();
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status.lines() {
+            if let Some(kb) = line.strip_prefix("VmRSS:") {
+                if let Ok(kb) = kb.trim().trim_end_matches("kB").trim().parse::<u64>() {
+                    out.push_str("# TYPE process_resident_memory_bytes gauge\n");
+                    out.push_str(&format!("process_resident_memory_bytes {}\n", kb * 1024));
+                }
+            }
+            if let Some(n) = line.strip_prefix("Threads:") {
+                out.push_str("# TYPE process_threads gauge\n");
+                out.push_str(&format!("process_threads {}\n", n.trim()));
+            }
+        }
+    }
+    if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
+        // Fields after the command name (which may contain spaces) start at ") ".
+        if let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat, 12 and 13 here; in clock ticks (100/s).
+            if let (Some(u), Some(s)) = (fields.get(11), fields.get(12)) {
+                if let (Ok(u), Ok(s)) = (u.parse::<f64>(), s.parse::<f64>()) {
+                    out.push_str("# TYPE process_cpu_seconds_total counter\n");
+                    out.push_str(&format!("process_cpu_seconds_total {}\n", (u + s) / 100.0));
+                }
+            }
+        }
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        out.push_str("# TYPE process_open_fds gauge\n");
+        out.push_str(&format!("process_open_fds {}\n", dir.count()));
+    }
+    out
+}
+
+/// What the endpoints look at.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    /// Broker (readiness).
+    pub broker: Arc<Broker>,
+    /// Database (readiness, task lookups).
+    pub store: Store,
+    /// Set once the configured consumers run; cleared on shutdown.
+    pub consumers_running: Arc<AtomicBool>,
+}
+
+/// The router.
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_endpoint))
+        .route("/v1/tasks/{request_id}", get(task))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let broker = state.broker.is_ready();
+    let database = state.store.ping().await;
+    let consumers = state.consumers_running.load(Ordering::Relaxed);
+    let body = serde_json::json!({
+        "ready": broker && database && consumers,
+        "broker": broker,
+        "database": database,
+        "topology": broker,
+        "consumers": consumers,
+    });
+    let code = if broker && database && consumers {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics_endpoint() -> Response {
+    let mut text = metrics_handle().render();
+    text.push_str(&process_metrics());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn task(
+    State(state): State<HttpState>,
+    Path(request_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let key = headers.get("x-virtual-key").and_then(|v| v.to_str().ok());
+    match state.store.get(&request_id).await {
+        // Someone else's task is indistinguishable from a missing one.
+        Ok(Some(t)) if Some(t.virtual_key_id.as_str()) == key => {
+            Json(TaskView::from(&t)).into_response()
+        }
+        Ok(_) => (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": "not found"})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": format!("database unavailable: {e}")})),
+        )
+            .into_response(),
+    }
+}

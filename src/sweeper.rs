@@ -1,0 +1,131 @@
+//! The sweeper: the last net under the check chains.
+//!
+//! - A processing task whose next check is overdue by more than `tracking.sweeper_grace_ms` gets
+//!   its sequence bumped (so any late check of the old chain is stale on arrival) and a fresh
+//!   check (`video_progress_rearmed_total`). This also covers a first check never published.
+//! - A task still `pending` after `generation.pending_grace_ms` (a crash between insert and
+//!   submit) is re-driven by re-publishing its request; the generation orchestrator resumes it.
+//!
+//! Any instance may sweep; row locks (`FOR UPDATE SKIP LOCKED`) make one sweeper act on a task.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::broker::Publisher;
+use crate::config::{GenerationSettings, TrackingSettings};
+use crate::messages::{Meta, VideoGenerationRequested};
+use crate::progress_tracking::rearm_check;
+use crate::store::{Store, StoreError};
+use crate::topology::Topology;
+
+/// The sweeper.
+#[derive(Debug, Clone)]
+pub struct Sweeper {
+    store: Store,
+    publisher: Publisher,
+    topology: Topology,
+    tracking: TrackingSettings,
+    generation: GenerationSettings,
+}
+
+impl Sweeper {
+    /// A sweeper.
+    pub fn new(
+        store: Store,
+        publisher: Publisher,
+        topology: Topology,
+        tracking: TrackingSettings,
+        generation: GenerationSettings,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            topology,
+            tracking,
+            generation,
+        }
+    }
+
+    /// One pass. Returns (re-armed, re-driven).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn sweep_once(&self) -> Result<(usize, usize), StoreError> {
+        let grace = Duration::from_millis(self.tracking.sweeper_grace_ms);
+        let tier = self.topology.tier_at_most(self.tracking.min_interval_ms);
+        let rearmed = self
+            .store
+            .rearm_overdue(grace, Duration::from_millis(tier), 500)
+            .await?;
+        for task in &rearmed {
+            let (tier, check) = rearm_check(task, &self.topology, &self.tracking);
+            let envelope = self
+                .topology
+                .delayed_check(tier, &check)
+                .with_traceparent(task.traceparent.clone());
+            match self.publisher.publish(&envelope).await {
+                Ok(()) => {
+                    metrics::counter!("video_progress_rearmed_total").increment(1);
+                    info!(request_id = %task.request_id, virtual_key = %task.virtual_key_id,
+                        sequence = check.sequence, "overdue task re-armed");
+                }
+                // next_check_at was pushed forward: the task is overdue again after the grace.
+                Err(e) => warn!(request_id = %task.request_id, error = %e, "re-arm not published"),
+            }
+        }
+        let pending_grace = Duration::from_millis(self.generation.pending_grace_ms);
+        let mut redriven = 0;
+        for task in self.store.stale_pending(pending_grace, 100).await? {
+            if !self
+                .store
+                .touch_pending(&task.request_id, pending_grace)
+                .await?
+            {
+                continue;
+            }
+            let request = VideoGenerationRequested {
+                meta: Meta::new(),
+                request_id: task.request_id.clone(),
+                virtual_key_id: task.virtual_key_id.clone(),
+                model: task.model.clone(),
+                prompt: task.prompt.clone(),
+                duration_seconds: task.duration_seconds.and_then(|d| u32::try_from(d).ok()),
+                size: task.size.clone(),
+                provider: (!task.provider.is_empty()).then(|| task.provider.clone()),
+                callback_url: task.callback_url.clone(),
+                metadata: task.metadata.clone(),
+            };
+            let envelope = self
+                .topology
+                .event(&request)
+                .with_traceparent(task.traceparent.clone());
+            match self.publisher.publish(&envelope).await {
+                Ok(()) => {
+                    redriven += 1;
+                    metrics::counter!("video_generation_redriven_total").increment(1);
+                    info!(request_id = %task.request_id, "pending task re-driven");
+                }
+                Err(e) => {
+                    warn!(request_id = %task.request_id, error = %e, "re-drive not published")
+                }
+            }
+        }
+        Ok((rearmed.len(), redriven))
+    }
+
+    /// Sweeps every `tracking.sweeper_interval_ms` until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let every = Duration::from_millis(self.tracking.sweeper_interval_ms);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if let Err(e) = self.sweep_once().await {
+                warn!(error = %e, "sweep failed");
+            }
+        }
+    }
+}

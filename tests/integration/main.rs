@@ -1,0 +1,4 @@
+mod broker;
+mod helpers;
+mod store;
+mod topology;
