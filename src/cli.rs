@@ -61,6 +61,41 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Publish a generation request and print its requestId.
+    Submit {
+        /// The tenant.
+        #[arg(long)]
+        virtual_key: String,
+        /// Model name.
+        #[arg(long)]
+        model: String,
+        /// Prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Clip length in seconds.
+        #[arg(long)]
+        duration_seconds: Option<u32>,
+        /// Size, e.g. 1280x720.
+        #[arg(long)]
+        size: Option<String>,
+        /// Request id (default: a fresh one).
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Follow the task with a progress bar; exit 0 completed, 3 failed or timed out, 4 cancelled.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Ask to cancel a task.
+    Cancel {
+        /// The task's requestId.
+        request_id: String,
+        /// The tenant that owns it.
+        #[arg(long)]
+        virtual_key: String,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Show a task from the database.
     Status {
         /// The task's requestId.
@@ -159,7 +194,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             action: TopologyAction::Declare,
         } => {
             let settings = load_settings()?;
-            crate::telemetry::init(settings.log.format, "info");
+            crate::telemetry::init(settings.log.format, crate::telemetry::DEFAULT_FILTER);
             let topology = crate::topology::Topology::from_settings(&settings);
             let broker = crate::broker::Broker::connect(
                 crate::broker::BrokerOptions::from_settings(&settings),
@@ -205,9 +240,70 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Submit {
+            virtual_key,
+            model,
+            prompt,
+            duration_seconds,
+            size,
+            request_id,
+            wait,
+        } => {
+            let settings = load_settings()?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let broker = connect_broker(&settings).await?;
+            let mut request = crate::client::new_request(&virtual_key, &model, &prompt);
+            request.duration_seconds = duration_seconds;
+            request.size = size;
+            if let Some(id) = request_id {
+                request.request_id = id;
+            }
+            let mut events = if wait {
+                let conn = broker.connection(&stop).await?;
+                Some(
+                    crate::client::EventStream::subscribe(
+                        &conn,
+                        broker.topology(),
+                        &["video.generation.#"],
+                    )
+                    .await?,
+                )
+            } else {
+                None
+            };
+            let client = crate::client::Client::new(broker, stop.clone());
+            let id = client
+                .submit(&request)
+                .await
+                .context("publishing the request")?;
+            println!("{id}");
+            let Some(events) = events.as_mut() else {
+                return Ok(ExitCode::SUCCESS);
+            };
+            let code = follow(events, &id).await;
+            stop.cancel();
+            Ok(code)
+        }
+        Command::Cancel {
+            request_id,
+            virtual_key,
+            reason,
+        } => {
+            let settings = load_settings()?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let broker = connect_broker(&settings).await?;
+            let client = crate::client::Client::new(broker, stop.clone());
+            client
+                .cancel(&request_id, &virtual_key, reason)
+                .await
+                .context("publishing the cancel")?;
+            println!("cancel requested for {request_id}");
+            stop.cancel();
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve { roles } => {
             let settings = load_settings()?;
-            crate::telemetry::init(settings.log.format, "info");
+            crate::telemetry::init(settings.log.format, crate::telemetry::DEFAULT_FILTER);
             let app = match Application::build(settings.clone(), &roles).await {
                 Ok(app) => app,
                 Err(e) => {
@@ -231,4 +327,74 @@ impl clap::builder::ValueParserFactory for Role {
     fn value_parser() -> Self::Parser {
         clap::builder::ValueParser::new(|s: &str| s.parse::<Role>())
     }
+}
+
+async fn connect_broker(
+    settings: &Settings,
+) -> anyhow::Result<std::sync::Arc<crate::broker::Broker>> {
+    let topology = crate::topology::Topology::from_settings(settings);
+    crate::broker::Broker::connect(crate::broker::BrokerOptions::from_settings(settings), topology)
+        .await
+        .with_context(|| {
+            format!(
+                "RabbitMQ at {} (start it with `docker compose up -d rabbitmq` or set APP__RABBITMQ__URL)",
+                describe_targets(settings).0
+            )
+        })
+}
+
+/// Follows one task's events with a progress bar; returns the exit code for its outcome.
+async fn follow(events: &mut crate::client::EventStream, request_id: &str) -> ExitCode {
+    let bar = indicatif::ProgressBar::new(100);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:40}] {pos:>3}% {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(request_id.to_owned());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    while let Some(event) = events.next().await {
+        if event.request_id() != request_id {
+            continue;
+        }
+        let body = &event.body;
+        match event.routing_key.as_str() {
+            "video.generation.started" => bar.set_message("started"),
+            "video.generation.progress" => {
+                bar.set_position(body["progress"].as_u64().unwrap_or(0));
+                bar.set_message(body["status"].as_str().unwrap_or("").to_owned());
+            }
+            "video.generation.completed" => {
+                bar.set_position(100);
+                bar.finish_with_message(format!(
+                    "completed: {}",
+                    body["videoUrl"].as_str().unwrap_or("")
+                ));
+                return ExitCode::SUCCESS;
+            }
+            "video.generation.failed" => {
+                bar.abandon_with_message(format!(
+                    "failed: {}",
+                    body["error"].as_str().unwrap_or("")
+                ));
+                return ExitCode::from(3);
+            }
+            "video.generation.cancelled" => {
+                bar.abandon_with_message(format!(
+                    "cancelled: {}",
+                    body["reason"].as_str().unwrap_or("")
+                ));
+                return ExitCode::from(4);
+            }
+            "video.generation.command_rejected" => {
+                bar.set_message(format!(
+                    "rejected: {}",
+                    body["reason"].as_str().unwrap_or("")
+                ));
+            }
+            _ => {}
+        }
+    }
+    bar.abandon_with_message("event stream ended");
+    ExitCode::from(1)
 }

@@ -35,3 +35,7 @@ pub fn init_for_tests() {
         init(LogFormat::Pretty, "info,video_orchestrator=debug");
     }
 }
+
+/// Default `RUST_LOG`: our info, and lapin's channel errors off (passive probes close channels by
+/// design; real failures reach us as `Result`s and are logged with context).
+pub const DEFAULT_FILTER: &str = "info,lapin::channel=off";

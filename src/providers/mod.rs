@@ -429,7 +429,6 @@ impl Operation {
 /// A successful (2xx, or explicitly accepted) response, body fully read.
 #[derive(Debug)]
 pub(crate) struct HttpResponse {
-    pub(crate) status: StatusCode,
     pub(crate) body: Vec<u8>,
 }
 
@@ -687,7 +686,6 @@ impl HttpTransport {
             .map_err(|e| classify_reqwest(&what, &e))?;
         if status.is_success() || also_ok.contains(&status) {
             return Ok(HttpResponse {
-                status,
                 body: bytes.to_vec(),
             });
         }

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::broker::{
     self, BrokerError, ConsumerSpec, Handler, Incoming, Outcome, Publisher, ORIGINAL_QUEUE_HEADER,
@@ -134,7 +134,7 @@ async fn poison_messages_are_parked_with_a_reason_and_the_consumer_keeps_going()
         ConsumerSpec {
             queue: generation.clone(),
             prefetch: 10,
-            concurrency: 1,
+            limit: Arc::new(Semaphore::new(1)),
             requeue_delay: Duration::from_millis(100),
         },
         handler.clone(),

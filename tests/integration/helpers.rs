@@ -376,8 +376,6 @@ pub struct Event {
     pub traceparent: Option<String>,
     /// The body; a body that is not JSON is kept as a JSON string.
     pub body: serde_json::Value,
-    /// When the collector received it.
-    pub received_at: std::time::Instant,
 }
 
 impl Event {
@@ -404,7 +402,6 @@ impl Event {
             virtual_key: header(delivery, video_orchestrator::topology::VIRTUAL_KEY_HEADER),
             traceparent: header(delivery, video_orchestrator::broker::TRACEPARENT_HEADER),
             body,
-            received_at: std::time::Instant::now(),
         }
     }
 }
@@ -416,7 +413,6 @@ impl Event {
 /// waits for it; dropping the collector aborts it.
 #[derive(Debug)]
 pub struct EventCollector {
-    queue: String,
     events: Arc<Mutex<Vec<Event>>>,
     arrived: watch::Receiver<usize>,
     channel: lapin::Channel,
@@ -488,18 +484,12 @@ impl EventCollector {
             }
         });
         Self {
-            queue,
             events,
             arrived,
             channel,
             stop,
             task: Some(task),
         }
-    }
-
-    /// The collector's queue.
-    pub fn queue(&self) -> &str {
-        &self.queue
     }
 
     /// Everything received so far, in arrival order.

@@ -34,7 +34,7 @@ fn new_task(request_id: &str) -> NewTask {
 }
 
 /// A task accepted by the provider at `started_at`: processing, tracking armed with
-/// `check_sequence = 0` and `next_check_at = started_at`.
+/// `check_sequence = 0` and its first check due at `started_at`.
 async fn processing_task(store: &Store, request_id: &str, started_at: DateTime<Utc>) -> Task {
     let mut tx = store.begin().await.unwrap();
     assert_eq!(
@@ -51,6 +51,7 @@ async fn processing_task(store: &Store, request_id: &str, started_at: DateTime<U
         &TransitionPatch {
             provider_task_id: Some(format!("video_{request_id}")),
             start_tracking_at: Some(started_at),
+            next_check_at: Some(started_at),
             ..TransitionPatch::default()
         },
     )
@@ -147,9 +148,10 @@ async fn of_two_concurrent_checks_with_the_same_sequence_exactly_one_advances_th
 
     for sequence in 0..20 {
         // Two pool connections, one UPDATE each, sent at the same time.
+        let (first, second) = (advance(sequence), advance(sequence));
         let (a, b) = tokio::join!(
-            store.advance_check("req-race", &advance(sequence)),
-            store.advance_check("req-race", &advance(sequence)),
+            store.advance_check("req-race", &first),
+            store.advance_check("req-race", &second),
         );
         let (a, b) = (a.unwrap(), b.unwrap());
         assert!(a ^ b, "round {sequence}: exactly one wins, got {a} and {b}");
