@@ -50,6 +50,36 @@ pub mod outcome {
     pub const ERROR: &str = "error";
 }
 
+/// Where a test can make the process die mid-check (`VIDEO_ORCHESTRATOR_CRASH_AT`), to prove the
+/// chain survives a crash at each step. Unset in production: the check is one env read at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// After decoding, before anything else.
+    Received,
+    /// After the next check is published and confirmed, before the row advances.
+    AfterPublish,
+    /// After the row advanced, before the ack.
+    AfterAdvance,
+}
+
+impl CrashPoint {
+    fn from_env() -> Option<Self> {
+        match std::env::var("VIDEO_ORCHESTRATOR_CRASH_AT").ok()?.as_str() {
+            "received" => Some(Self::Received),
+            "after_publish" => Some(Self::AfterPublish),
+            "after_advance" => Some(Self::AfterAdvance),
+            _ => None,
+        }
+    }
+}
+
+fn crash_if(configured: Option<CrashPoint>, here: CrashPoint) {
+    if configured == Some(here) {
+        eprintln!("VIDEO_ORCHESTRATOR_CRASH_AT={here:?}: aborting the process");
+        std::process::abort();
+    }
+}
+
 fn count(outcome: &'static str) {
     metrics::counter!("video_progress_checks_total", "outcome" => outcome).increment(1);
 }
@@ -216,6 +246,7 @@ pub struct ProgressTracker {
     medians: StdMutex<HashMap<String, (Option<Duration>, Instant)>>,
     /// Notified after every processed check (tests step on it instead of sleeping).
     processed: Arc<Notify>,
+    crash_at: Option<CrashPoint>,
 }
 
 impl ProgressTracker {
@@ -239,6 +270,7 @@ impl ProgressTracker {
             webhooks,
             medians: StdMutex::new(HashMap::new()),
             processed: Arc::new(Notify::new()),
+            crash_at: CrashPoint::from_env(),
         }
     }
 
@@ -491,6 +523,7 @@ impl ProgressTracker {
             warn!(error = %e, "next check not published; the sweeper will re-arm");
             return outcome::ERROR;
         }
+        crash_if(self.crash_at, CrashPoint::AfterPublish);
         if changed && self.webhooks.include_progress {
             if let (Some(url), Some(e)) = (&task.callback_url, &event) {
                 self.enqueue_progress_webhook(task, url, e).await;
@@ -502,7 +535,9 @@ impl ProgressTracker {
             progress: event.as_ref().map(|_| i16::from(progress)),
             progress_status: event.as_ref().map(|_| progress_status.as_str().to_owned()),
         };
-        match self.store.advance_check(&task.request_id, &advance).await {
+        let advanced = self.store.advance_check(&task.request_id, &advance).await;
+        crash_if(self.crash_at, CrashPoint::AfterAdvance);
+        match advanced {
             Ok(true) => {}
             Ok(false) => debug!("another check advanced the chain first; ours is a duplicate"),
             Err(e) => {
@@ -606,6 +641,7 @@ impl Handler for ProgressTracker {
             let span = tracing::Span::current();
             span.record("request_id", check.request_id.as_str());
             span.record("virtual_key", check.virtual_key_id.as_str());
+            crash_if(self.crash_at, CrashPoint::Received);
             let result = self.check(&check, incoming.traceparent.clone()).await;
             if result != "recirculated" {
                 count(result);

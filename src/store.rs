@@ -407,6 +407,7 @@ impl Store {
                  finished_at = CASE WHEN $3 IN ('pending', 'processing') THEN finished_at ELSE now() END,
                  tracking_stopped = tracking_stopped OR $3 NOT IN ('pending', 'processing')
              WHERE request_id = $1 AND status = ANY($2)
+               AND status IN ('pending', 'processing')
              RETURNING *",
         )
         .bind(request_id)

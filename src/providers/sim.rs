@@ -606,9 +606,9 @@ fn error_response(protocol: Protocol, status: StatusCode, message: &str) -> Resp
     to_json(status, &body)
 }
 
-/// Authentication and injected faults, common to every protocol request. `Err` is the response
+/// Authentication and injected faults, common to every protocol request. `Some` is the response
 /// to send instead of serving the request.
-async fn guard(state: &SimState, headers: &HeaderMap, protocol: Protocol) -> Result<(), Response> {
+async fn guard(state: &SimState, headers: &HeaderMap, protocol: Protocol) -> Option<Response> {
     let token = headers
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
@@ -621,7 +621,7 @@ async fn guard(state: &SimState, headers: &HeaderMap, protocol: Protocol) -> Res
         (Some(token), Some(expected)) => token == expected,
     };
     if !authorised {
-        return Err(error_response(
+        return Some(error_response(
             protocol,
             StatusCode::UNAUTHORIZED,
             "missing or invalid bearer token",
@@ -632,7 +632,7 @@ async fn guard(state: &SimState, headers: &HeaderMap, protocol: Protocol) -> Res
         tokio::select! {
             () = tokio::time::sleep(Duration::from_millis(faults.latency_ms)) => {}
             () = state.token.cancelled() => {
-                return Err(error_response(protocol, StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
+                return Some(error_response(protocol, StatusCode::SERVICE_UNAVAILABLE, "shutting down"));
             }
         }
     }
@@ -641,14 +641,14 @@ async fn guard(state: &SimState, headers: &HeaderMap, protocol: Protocol) -> Res
             () = tokio::time::sleep(Duration::from_secs(60)) => {}
             () = state.token.cancelled() => {}
         }
-        return Err(error_response(
+        return Some(error_response(
             protocol,
             StatusCode::SERVICE_UNAVAILABLE,
             "simulated hang",
         ));
     }
     if roll(faults.error_rate) {
-        return Err(error_response(
+        return Some(error_response(
             protocol,
             StatusCode::INTERNAL_SERVER_ERROR,
             "simulated server error",
@@ -663,9 +663,9 @@ async fn guard(state: &SimState, headers: &HeaderMap, protocol: Protocol) -> Res
         response
             .headers_mut()
             .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        return Err(response);
+        return Some(response);
     }
-    Ok(())
+    None
 }
 
 /// `http://host` as the client addressed us, for URLs in responses.
@@ -676,19 +676,12 @@ fn public_base(state: &SimState, headers: &HeaderMap) -> String {
     }
 }
 
-fn parse_body(protocol: Protocol, body: &[u8]) -> Result<serde_json::Value, Response> {
+/// The request body as a JSON object, or why not.
+fn parse_body(body: &[u8]) -> Result<serde_json::Value, String> {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(value) if value.is_object() => Ok(value),
-        Ok(_) => Err(error_response(
-            protocol,
-            StatusCode::BAD_REQUEST,
-            "the request body must be a JSON object",
-        )),
-        Err(error) => Err(error_response(
-            protocol,
-            StatusCode::BAD_REQUEST,
-            &format!("the request body is not valid JSON: {error}"),
-        )),
+        Ok(_) => Err("the request body must be a JSON object".to_owned()),
+        Err(error) => Err(format!("the request body is not valid JSON: {error}")),
     }
 }
 
@@ -773,12 +766,12 @@ fn render_video(id: &str, job: &Job, now: Instant) -> Vec<u8> {
 
 async fn openai_create(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     state.submits.fetch_add(1, Ordering::Relaxed);
-    if let Err(response) = guard(&state, &headers, Protocol::OpenAi).await {
+    if let Some(response) = guard(&state, &headers, Protocol::OpenAi).await {
         return response;
     }
-    let request = match parse_body(Protocol::OpenAi, &body) {
+    let request = match parse_body(&body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(reason) => return error_response(Protocol::OpenAi, StatusCode::BAD_REQUEST, &reason),
     };
     let Some(prompt) = request.get("prompt").and_then(|p| p.as_str()) else {
         return error_response(
@@ -816,7 +809,7 @@ async fn openai_get(
     headers: HeaderMap,
 ) -> Response {
     state.count_status_call(&id);
-    if let Err(response) = guard(&state, &headers, Protocol::OpenAi).await {
+    if let Some(response) = guard(&state, &headers, Protocol::OpenAi).await {
         return response;
     }
     let now = Instant::now();
@@ -840,7 +833,7 @@ async fn openai_delete(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = guard(&state, &headers, Protocol::OpenAi).await {
+    if let Some(response) = guard(&state, &headers, Protocol::OpenAi).await {
         return response;
     }
     let removed = lock(state.shard(&id)).remove(&id);
@@ -877,7 +870,7 @@ async fn openai_content(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = guard(&state, &headers, Protocol::OpenAi).await {
+    if let Some(response) = guard(&state, &headers, Protocol::OpenAi).await {
         return response;
     }
     file_response(&state, &id, Protocol::OpenAi)
@@ -1031,12 +1024,14 @@ async fn create_prediction(
     path_model: Option<String>,
 ) -> Response {
     state.submits.fetch_add(1, Ordering::Relaxed);
-    if let Err(response) = guard(state, headers, Protocol::Replicate).await {
+    if let Some(response) = guard(state, headers, Protocol::Replicate).await {
         return response;
     }
-    let request = match parse_body(Protocol::Replicate, body) {
+    let request = match parse_body(body) {
         Ok(request) => request,
-        Err(response) => return response,
+        Err(reason) => {
+            return error_response(Protocol::Replicate, StatusCode::BAD_REQUEST, &reason)
+        }
     };
     let version = request
         .get("version")
@@ -1096,7 +1091,7 @@ async fn replicate_get(
     headers: HeaderMap,
 ) -> Response {
     state.count_status_call(&id);
-    if let Err(response) = guard(&state, &headers, Protocol::Replicate).await {
+    if let Some(response) = guard(&state, &headers, Protocol::Replicate).await {
         return response;
     }
     let base = public_base(&state, &headers);
@@ -1113,7 +1108,7 @@ async fn replicate_cancel(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(response) = guard(&state, &headers, Protocol::Replicate).await {
+    if let Some(response) = guard(&state, &headers, Protocol::Replicate).await {
         return response;
     }
     let base = public_base(&state, &headers);

@@ -1,0 +1,511 @@
+//! Progress tracking, end to end: the self-scheduling chain on the real broker and database.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+use video_orchestrator::app::Role;
+use video_orchestrator::broker::Publisher;
+use video_orchestrator::client::{new_request, Client};
+use video_orchestrator::messages::{Envelope, Meta, VideoProgressCheckRequested};
+use video_orchestrator::providers::sim::SimHandle;
+use video_orchestrator::store::TaskStatus;
+
+use crate::helpers::{EventCollector, TestEnv};
+use crate::proxy::Proxy;
+use crate::service::{env_with, eventually, start_sim, Instance};
+
+const DONE: Duration = Duration::from_secs(45);
+
+async fn submit(env: &TestEnv, vk: &str, prompt: &str) -> String {
+    let stop = CancellationToken::new();
+    let client = Client::new(env.broker().await, stop.clone());
+    let request = new_request(vk, "sora-2", prompt);
+    let id = client.submit(&request).await.expect("request published");
+    stop.cancel();
+    id
+}
+
+async fn wait_terminal(events: &EventCollector, id: &str) -> crate::helpers::Event {
+    events
+        .wait_for(
+            |e| {
+                e.request_id() == Some(id)
+                    && matches!(
+                        e.routing_key.as_str(),
+                        "video.generation.completed"
+                            | "video.generation.failed"
+                            | "video.generation.cancelled"
+                    )
+            },
+            DONE,
+        )
+        .await
+        .unwrap_or_else(|| panic!("no terminal event for {id}"))
+}
+
+/// After the longest tier has passed and the service is stopped, no check is left anywhere.
+async fn assert_no_checks_left(env: &TestEnv) {
+    let topology = env.topology();
+    for tier in topology.delay_tiers_ms() {
+        let q = topology.delay_queue(*tier);
+        assert_eq!(env.queue_depth(&q).await, 0, "a check was left in {q}");
+    }
+    for p in 0..topology.partitions() {
+        let q = topology.partition_queue(p);
+        assert_eq!(env.queue_depth(&q).await, 0, "a check was left in {q}");
+    }
+}
+
+fn status_calls(sim: &SimHandle, job: &str) -> u64 {
+    sim.stats()
+        .status_calls_by_job
+        .get(job)
+        .copied()
+        .unwrap_or(0)
+}
+
+async fn publish_check(env: &TestEnv, check: &VideoProgressCheckRequested) {
+    let stop = CancellationToken::new();
+    let publisher = Publisher::new(env.broker().await, stop.clone());
+    let topology = env.topology();
+    let envelope = Envelope::new(topology.progress_exchange(), "check", check);
+    publisher.publish(&envelope).await.expect("check published");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn a_task_is_tracked_to_the_end_with_monotonic_progress_and_leaves_no_check_behind() {
+    let sim = start_sim(3000).await;
+    let env = env_with(&sim, &[]).await;
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+
+    let id = submit(&env, "vk-mono", "a lighthouse at dusk").await;
+    let terminal = wait_terminal(&events, &id).await;
+    assert_eq!(terminal.routing_key, "video.generation.completed");
+
+    let all = events.all();
+    let progress: Vec<u64> = all
+        .iter()
+        .filter(|e| e.is("video.generation.progress", &id))
+        .map(|e| e.body["progress"].as_u64().expect("progress is a number"))
+        .collect();
+    assert!(!progress.is_empty(), "no progress event was published");
+    assert!(
+        progress.windows(2).all(|w| w[0] <= w[1]),
+        "progress went backwards: {progress:?}"
+    );
+    assert!(
+        progress.iter().all(|p| *p < 100),
+        "progress reached 100 before completion: {progress:?}"
+    );
+    let completed_at = all
+        .iter()
+        .position(|e| e.is("video.generation.completed", &id))
+        .unwrap();
+    assert!(
+        all.iter()
+            .skip(completed_at)
+            .all(|e| !e.is("video.generation.progress", &id)),
+        "progress published after completion"
+    );
+
+    let task = env.store.get(&id).await.unwrap().expect("task row");
+    assert_eq!(task.status, TaskStatus::Completed);
+    assert!(task.tracking_stopped);
+    assert!(task.checks_count >= 1);
+
+    // The longest tier (5 s) elapses: nothing may be left circulating for this task.
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    service.stop().await;
+    assert_no_checks_left(&env).await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_check_waiting_in_a_delay_queue_dies_when_tracking_is_cancelled() {
+    let sim = start_sim(60_000).await;
+    // Checks wait 5 s in the delay tier: the cancel lands while the first one waits there.
+    let env = env_with(
+        &sim,
+        &[
+            ("APP__TRACKING__MIN_INTERVAL_MS", "5000"),
+            ("APP__TRACKING__MAX_INTERVAL_MS", "5000"),
+        ],
+    )
+    .await;
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+
+    let id = submit(&env, "vk-cancel", "a very long film").await;
+    events
+        .wait_for(|e| e.is("video.generation.started", &id), DONE)
+        .await
+        .expect("started");
+    let stop = CancellationToken::new();
+    Client::new(env.broker().await, stop.clone())
+        .cancel(&id, "vk-cancel", Some("changed my mind".into()))
+        .await
+        .unwrap();
+    stop.cancel();
+    events
+        .wait_for(|e| e.is("video.progress.tracking_cancelled", &id), DONE)
+        .await
+        .expect("tracking cancelled");
+
+    // Let the waiting check arrive and die.
+    tokio::time::sleep(Duration::from_millis(6500)).await;
+    let task = env.store.get(&id).await.unwrap().unwrap();
+    assert_eq!(task.status, TaskStatus::Cancelled);
+    let job = task.provider_task_id.clone().expect("provider job");
+    assert_eq!(
+        status_calls(&sim, &job),
+        0,
+        "the cancelled task's check still asked the provider"
+    );
+    assert!(
+        !events
+            .all()
+            .iter()
+            .any(|e| e.is("video.generation.progress", &id)),
+        "progress was published after the cancel"
+    );
+    assert_eq!(task.checks_count, 0);
+    service.stop().await;
+    assert_no_checks_left(&env).await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn redelivered_and_duplicated_checks_are_dropped_so_one_chain_runs() {
+    let sim = start_sim(4000).await;
+    let env = env_with(&sim, &[]).await;
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+
+    let id = submit(&env, "vk-dup", "two chains would be one too many").await;
+    let started = events
+        .wait_for(|e| e.is("video.generation.started", &id), DONE)
+        .await
+        .expect("started");
+    let start_time = started.body["startedAt"].as_str().unwrap().parse().unwrap();
+    // The same first check (sequence 0) three more times, straight into the partition: as if it
+    // had been redelivered and published twice.
+    for _ in 0..3 {
+        let check = VideoProgressCheckRequested {
+            meta: Meta::new(),
+            request_id: id.clone(),
+            virtual_key_id: "vk-dup".into(),
+            scheduled_at: video_orchestrator::messages::now(),
+            interval_index: 0,
+            start_time,
+            sequence: 0,
+        };
+        publish_check(&env, &check).await;
+    }
+    let terminal = wait_terminal(&events, &id).await;
+    assert_eq!(terminal.routing_key, "video.generation.completed");
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+
+    let task = env.store.get(&id).await.unwrap().unwrap();
+    let job = task.provider_task_id.clone().unwrap();
+    let calls = status_calls(&sim, &job);
+    let tracked = (task.finished_at.unwrap() - task.started_at.unwrap()).num_milliseconds() as u64;
+    // One chain asks once per check that advanced (the last may lose to the completion).
+    assert!(calls >= 1);
+    assert!(
+        calls <= task.checks_count as u64 + 1,
+        "provider saw {calls} status calls for {} checks: a chain forked",
+        task.checks_count
+    );
+    assert!(
+        calls <= tracked / 1000 + 2,
+        "{calls} calls in {tracked} ms at 1 s intervals"
+    );
+    service.stop().await;
+    assert_no_checks_left(&env).await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_check_for_a_missing_task_is_orphaned_and_not_rescheduled() {
+    let sim = start_sim(1000).await;
+    let env = env_with(&sim, &[]).await;
+    let service = Instance::start(&env.settings, &[Role::Tracking]).await;
+    let check = VideoProgressCheckRequested {
+        meta: Meta::new(),
+        request_id: "no-such-task".into(),
+        virtual_key_id: "vk-orphan".into(),
+        scheduled_at: video_orchestrator::messages::now(),
+        interval_index: 3,
+        start_time: video_orchestrator::messages::now(),
+        sequence: 7,
+    };
+    publish_check(&env, &check).await;
+    // Consumed (the partition empties) and nothing scheduled after it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    service.stop().await;
+    assert_no_checks_left(&env).await;
+    assert_eq!(sim.stats().status_calls, 0);
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+async fn owned_by(env: &TestEnv, instance: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM partition_leases WHERE topology_prefix = $1 AND owner = $2 AND expires_at > now()",
+    )
+    .bind(&env.prefix)
+    .bind(instance)
+    .fetch_one(env.store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn two_instances_share_the_partitions_and_one_takes_all_when_the_other_stops() {
+    let sim = start_sim(3000).await;
+    let env = env_with(&sim, &[]).await;
+    let events = env.events().await;
+    let a = Instance::start_all(&env.settings).await;
+    eventually(Duration::from_secs(30), || async {
+        (owned_by(&env, &a.instance_id).await == 16).then_some(())
+    })
+    .await
+    .expect("the first instance owns all 16 partitions");
+
+    let b = Instance::start_all(&env.settings).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(submit(&env, &format!("vk-{i}"), "handover").await);
+    }
+    let balanced = eventually(Duration::from_secs(30), || async {
+        let (na, nb) = (
+            owned_by(&env, &a.instance_id).await,
+            owned_by(&env, &b.instance_id).await,
+        );
+        ((7..=9).contains(&na) && (7..=9).contains(&nb) && na + nb == 16).then_some((na, nb))
+    })
+    .await;
+    assert!(
+        balanced.is_some(),
+        "partitions not balanced 8 ± 1 within 30 s"
+    );
+
+    let b_id = b.instance_id.clone();
+    a.stop().await;
+    eventually(Duration::from_secs(30), || async {
+        (owned_by(&env, &b_id).await == 16).then_some(())
+    })
+    .await
+    .expect("the remaining instance owns all 16 partitions within 30 s");
+
+    for id in &ids {
+        let terminal = wait_terminal(&events, id).await;
+        assert_eq!(terminal.routing_key, "video.generation.completed", "{id}");
+    }
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    for id in &ids {
+        let task = env.store.get(id).await.unwrap().unwrap();
+        let calls = status_calls(&sim, task.provider_task_id.as_deref().unwrap());
+        assert!(
+            calls <= task.checks_count as u64 + 1,
+            "{id}: {calls} provider calls for {} checks across the hand-over",
+            task.checks_count
+        );
+        let completed = events
+            .all()
+            .iter()
+            .filter(|e| e.is("video.generation.completed", id))
+            .count();
+        assert_eq!(completed, 1, "{id} completed {completed} times");
+    }
+    b.stop().await;
+    assert_no_checks_left(&env).await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_database_outage_mid_task_does_not_end_tracking() {
+    let sim = start_sim(8000).await;
+    let env = env_with(&sim, &[("APP__DATABASE__ACQUIRE_TIMEOUT_MS", "1000")]).await;
+    let pg = Proxy::start("127.0.0.1:5432".parse().unwrap()).await;
+    let mut settings = env.settings.clone();
+    let mut url = url::Url::parse(settings.database.url.expose_secret()).unwrap();
+    url.set_port(Some(pg.addr().port())).unwrap();
+    settings.database.url = SecretString::from(url.to_string());
+    let events = env.events().await;
+    let service = Instance::start_all(&settings).await;
+
+    let id = submit(&env, "vk-db", "through an outage").await;
+    events
+        .wait_for(|e| e.is("video.generation.progress", &id), DONE)
+        .await
+        .expect("tracking started");
+    pg.set_down(true);
+    let ready = format!("http://{}/readyz", service.http);
+    let not_ready = eventually(Duration::from_secs(15), || async {
+        let r = reqwest::get(&ready).await.ok()?;
+        (r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.set_down(false);
+    assert!(
+        not_ready.is_some(),
+        "/readyz stayed ready while the database was down"
+    );
+
+    let terminal = wait_terminal(&events, &id).await;
+    assert_eq!(terminal.routing_key, "video.generation.completed");
+    let back = eventually(Duration::from_secs(15), || async {
+        let r = reqwest::get(&ready).await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "/readyz did not come back");
+    service.stop().await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_delayed_check_is_rearmed_by_the_sweeper() {
+    let sim = start_sim(9000).await;
+    let env = env_with(
+        &sim,
+        &[
+            ("APP__TRACKING__MIN_INTERVAL_MS", "5000"),
+            ("APP__TRACKING__MAX_INTERVAL_MS", "5000"),
+        ],
+    )
+    .await;
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+    let id = submit(&env, "vk-lost", "a check goes missing").await;
+    events
+        .wait_for(|e| e.is("video.generation.started", &id), DONE)
+        .await
+        .expect("started");
+    let tier = env.topology().delay_queue(5000);
+    eventually(Duration::from_secs(5), || async {
+        (env.queue_depth(&tier).await == 1).then_some(())
+    })
+    .await
+    .expect("the first check waits in the 5 s tier");
+    let channel = env.connection.create_channel().await.unwrap();
+    channel
+        .queue_purge(
+            tier.as_str().into(),
+            lapin::options::QueuePurgeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let _ = channel.close(200, "purged".into()).await;
+
+    let terminal = wait_terminal(&events, &id).await;
+    assert_eq!(terminal.routing_key, "video.generation.completed");
+    let task = env.store.get(&id).await.unwrap().unwrap();
+    assert!(
+        task.check_sequence >= 1,
+        "the sweeper bumps the sequence when it re-arms"
+    );
+    service.stop().await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+/// Runs the real binary with the crash hook at `point`, waits for it to die mid-check, then a
+/// normal instance takes over: the task completes once, the chain neither forked nor died.
+async fn crash_at(point: &str) {
+    let sim = start_sim(4000).await;
+    let env = env_with(&sim, &[]).await;
+    let events = env.events().await;
+    let mut vars = crate::service::fast_vars(&sim);
+    vars.push(("APP__TOPOLOGY__PREFIX".into(), env.prefix.clone()));
+    vars.push((
+        "APP__DATABASE__URL".into(),
+        env.settings.database.url.expose_secret().to_owned(),
+    ));
+    vars.push(("APP__RABBITMQ__URL".into(), env.rabbitmq_url().to_owned()));
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_video-orchestrator"))
+        .arg("serve")
+        .envs(vars)
+        .env("VIDEO_ORCHESTRATOR_CRASH_AT", point)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("binary starts");
+    // The binary declares the topology and waits for its HTTP port; publish once it is up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let id = submit(&env, "vk-crash", "crash me").await;
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the process dies at the crash point")
+        .unwrap();
+    assert!(!output.status.success(), "the process must have aborted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("VIDEO_ORCHESTRATOR_CRASH_AT"),
+        "the process died elsewhere than the crash point: {stderr}"
+    );
+
+    let service = Instance::start_all(&env.settings).await;
+    let terminal = wait_terminal(&events, &id).await;
+    assert_eq!(terminal.routing_key, "video.generation.completed");
+    tokio::time::sleep(Duration::from_millis(5500)).await;
+    let task = env.store.get(&id).await.unwrap().unwrap();
+    let calls = status_calls(&sim, task.provider_task_id.as_deref().unwrap());
+    assert!(
+        calls <= task.checks_count as u64 + 2,
+        "{point}: {calls} provider calls for {} checks: the chain forked",
+        task.checks_count
+    );
+    // The relay is at-least-once: count distinct message ids, as a consumer de-duplicates.
+    let distinct = |key: &str| {
+        let mut ids: Vec<String> = events
+            .all()
+            .iter()
+            .filter(|e| e.is(key, &id))
+            .map(|e| e.body["messageId"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.len()
+    };
+    assert_eq!(distinct("video.generation.completed"), 1);
+    assert_eq!(distinct("video.generation.started"), 1);
+    service.stop().await;
+    assert_no_checks_left(&env).await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crash_after_receiving_a_check_leaves_one_chain() {
+    crash_at("received").await;
+}
+
+#[tokio::test]
+async fn a_crash_after_publishing_the_next_check_leaves_one_chain() {
+    crash_at("after_publish").await;
+}
+
+#[tokio::test]
+async fn a_crash_after_advancing_the_row_leaves_one_chain() {
+    crash_at("after_advance").await;
+}
