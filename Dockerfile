@@ -22,7 +22,7 @@ RUN cargo chef prepare --recipe-path recipe.json
 # ---- builder: dependencies first (cached layer), then the service ------------------------------
 FROM chef AS builder
 COPY --from=planner /app/recipe.json recipe.json
-RUN cargo chef cook --release --locked --recipe-path recipe.json --bin video-orchestrator
+RUN cargo chef cook --release --recipe-path recipe.json
 COPY . .
 # The migrations (sqlx::migrate!) and config/default.toml (include_str!) are compiled into the
 # binary, so the runtime image needs neither.

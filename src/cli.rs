@@ -21,6 +21,16 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a demo against the local RabbitMQ and PostgreSQL: the service and the simulated
+    /// provider in-process, live progress bars, a summary. Cleans up after itself.
+    Demo {
+        /// Requests to submit.
+        #[arg(long, default_value_t = 20)]
+        tasks: usize,
+        /// Keep the demo's prefix and database afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Run the service (every role unless --roles says otherwise).
     Serve {
         /// Comma list of generation, tracking, sweeper, relay.
@@ -299,6 +309,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("publishing the cancel")?;
             println!("cancel requested for {request_id}");
             stop.cancel();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { tasks, keep } => {
+            let settings = load_settings()?;
+            // Logs would tear the progress bars: errors only, unless RUST_LOG says otherwise.
+            crate::telemetry::init(crate::config::LogFormat::Pretty, "error,lapin=off");
+            crate::demo::run(settings, crate::demo::DemoOptions { tasks, keep }).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { roles } => {

@@ -26,6 +26,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod demo;
 pub mod generation;
 pub mod http;
 pub mod messages;

@@ -250,7 +250,7 @@ pub enum Inserted {
     /// A new row.
     New,
     /// The request id exists; here is the row.
-    Exists(Task),
+    Exists(Box<Task>),
 }
 
 /// What a tracker's check writes when it advances the chain.
@@ -372,7 +372,7 @@ impl Store {
             .bind(&task.request_id)
             .fetch_one(&mut **tx)
             .await?;
-        Ok(Inserted::Exists(existing))
+        Ok(Inserted::Exists(Box::new(existing)))
     }
 
     /// Compare-and-set transition: moves the task to `to` only if its status is one of `from`.

@@ -437,7 +437,9 @@ pub(crate) struct HttpResponse {
 pub(crate) struct HttpTransport {
     name: String,
     base_url: String,
-    api_key: SecretString,
+    /// `Bearer <key>`, built once and marked sensitive (kept out of any debug output); `None`
+    /// when no key is configured.
+    authorization: Option<HeaderValue>,
     client: reqwest::Client,
     timeout: Duration,
     /// Why a semaphore and not only a connection pool limit: the pool limits idle connections,
@@ -447,12 +449,15 @@ pub(crate) struct HttpTransport {
 }
 
 impl fmt::Debug for HttpTransport {
-    // Written by hand so the key can never appear, whatever `SecretString` does in the future.
+    // Written by hand so the key can never appear, whatever `HeaderValue` prints in the future.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpTransport")
             .field("name", &self.name)
             .field("base_url", &self.base_url)
-            .field("api_key", &"[REDACTED]")
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "[REDACTED]"),
+            )
             .field("timeout", &self.timeout)
             .field("max_concurrency", &self.max_concurrency)
             .finish_non_exhaustive()
@@ -461,6 +466,9 @@ impl fmt::Debug for HttpTransport {
 
 impl HttpTransport {
     /// Validates the settings of provider `name` and builds its client.
+    ///
+    /// The `Authorization` value is built here, once: a key that cannot be a header value is a
+    /// configuration error at start-up rather than a failure of every call.
     ///
     /// # Errors
     /// [`ProviderConfigError`] naming `providers.<name>.<key>`.
@@ -508,6 +516,20 @@ impl HttpTransport {
                 ),
             });
         }
+        let secret = settings.api_key.expose_secret();
+        let authorization = if secret.is_empty() {
+            None
+        } else {
+            let mut value = HeaderValue::try_from(format!("Bearer {secret}")).map_err(|_| {
+                // Never echo the value: it is the secret.
+                ProviderConfigError::Invalid {
+                    key: key("api_key"),
+                    reason: "contains characters not allowed in an HTTP header".to_owned(),
+                }
+            })?;
+            value.set_sensitive(true);
+            Some(value)
+        };
         let timeout = Duration::from_millis(settings.timeout_ms);
         let client = reqwest::Client::builder()
             .timeout(timeout)
@@ -521,7 +543,7 @@ impl HttpTransport {
         Ok(Self {
             name: name.to_owned(),
             base_url: settings.base_url.trim_end_matches('/').to_owned(),
-            api_key: settings.api_key.clone(),
+            authorization,
             client,
             timeout,
             permits: Semaphore::new(settings.max_concurrency),
@@ -657,14 +679,8 @@ impl HttpTransport {
     ) -> Result<HttpResponse, ProviderError> {
         let what = format!("{}: {} {path}", self.name, method.as_str());
         let mut request = self.client.request(method, self.url(path));
-        let key = self.api_key.expose_secret();
-        if !key.is_empty() {
-            let mut value = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
-                ProviderError::permanent(format!("{what}: the API key is not a valid header value"))
-            })?;
-            // Keeps the header out of any debug output of the request.
-            value.set_sensitive(true);
-            request = request.header(AUTHORIZATION, value);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization.clone());
         }
         if let Some(traceparent) = traceparent {
             if let Ok(value) = HeaderValue::from_str(traceparent) {
