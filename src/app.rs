@@ -182,7 +182,8 @@ impl Application {
 
         infra.spawn(broker.clone().supervise(infra_stop.clone()));
         // Publishes keep retrying through reconnects until the broker itself shuts down.
-        let publisher = Publisher::new(broker.clone(), infra_stop.clone());
+        let publisher = Publisher::new(broker.clone(), infra_stop.clone())
+            .with_park_sink(Arc::new(DbParkSink(store.clone())));
         let relay_wake = Arc::new(Notify::new());
         let consumers_running = Arc::new(AtomicBool::new(false));
 
@@ -301,6 +302,38 @@ impl Application {
         infra.wait().await;
         store.pool().close().await;
         info!("stopped");
+    }
+}
+
+/// Records parked messages in `parked_messages`.
+#[derive(Debug)]
+struct DbParkSink(Store);
+
+#[async_trait::async_trait]
+impl crate::broker::ParkSink for DbParkSink {
+    async fn record(&self, delivery: &crate::broker::Incoming, reason: &str) {
+        let parked = crate::store::ParkedMessage {
+            id: 0,
+            message_id: delivery.message_id.clone(),
+            original_queue: delivery.queue.clone(),
+            original_exchange: delivery.exchange.clone(),
+            routing_key: delivery.routing_key.clone(),
+            reason: reason.to_owned(),
+            headers: serde_json::json!({
+                "messageId": delivery.message_id,
+                "type": delivery.message_type,
+                "correlationId": delivery.correlation_id,
+                "x-virtual-key": delivery.virtual_key,
+                "traceparent": delivery.traceparent,
+                "redelivered": delivery.redelivered,
+            }),
+            body: delivery.body.clone(),
+            parked_at: chrono::Utc::now(),
+            requeued_at: None,
+        };
+        if let Err(e) = self.0.record_parked(&parked).await {
+            warn!(error = %e, "parked message not recorded in the database (it is in the parking queue)");
+        }
     }
 }
 

@@ -329,6 +329,16 @@ pub struct Publisher {
     broker: Arc<Broker>,
     channel: Arc<Mutex<Option<Channel>>>,
     shutdown: CancellationToken,
+    park_sink: Option<Arc<dyn ParkSink>>,
+}
+
+/// Also records parked messages elsewhere (the `parked_messages` table), so operators can list
+/// and requeue them without consuming the parking queue.
+#[async_trait::async_trait]
+pub trait ParkSink: Send + Sync + std::fmt::Debug {
+    /// Records `delivery`, parked for `reason`. Failures are the sink's to log: the message is
+    /// in the parking queue either way.
+    async fn record(&self, delivery: &Incoming, reason: &str);
 }
 
 impl Publisher {
@@ -338,7 +348,15 @@ impl Publisher {
             broker,
             channel: Arc::new(Mutex::new(None)),
             shutdown,
+            park_sink: None,
         }
+    }
+
+    /// Records every parked message in `sink` too.
+    #[must_use]
+    pub fn with_park_sink(mut self, sink: Arc<dyn ParkSink>) -> Self {
+        self.park_sink = Some(sink);
+        self
     }
 
     /// The broker.
@@ -475,6 +493,9 @@ impl Publisher {
             mandatory: true,
         };
         self.publish(&message).await?;
+        if let Some(sink) = &self.park_sink {
+            sink.record(delivery, reason).await;
+        }
         metrics::counter!("video_parked_messages_total", "queue" => delivery.queue.clone())
             .increment(1);
         Ok(())

@@ -31,6 +31,30 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Benchmark against the local RabbitMQ and PostgreSQL: the raw broker's hop rate, the
+    /// service's check rate, scheduling lag and memory (service and simulator as child
+    /// processes, a fresh prefix and database). See BENCHMARKS.md.
+    Bench {
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Measured window of each phase, in seconds (default 30, quick 8).
+        #[arg(long)]
+        duration_secs: Option<u64>,
+        /// Warm-up before each window, in seconds (default 10, quick 4).
+        #[arg(long)]
+        warmup_secs: Option<u64>,
+        /// Tracked-task counts of the memory phases (default 1000,10000,100000; quick
+        /// 1000,10000).
+        #[arg(long, value_delimiter = ',')]
+        tasks_list: Option<Vec<usize>>,
+        /// A short run for development: figures are indicative only.
+        #[arg(long)]
+        quick: bool,
+        /// Virtual keys (tenants) the tasks are spread over.
+        #[arg(long, default_value_t = 64)]
+        tenants: usize,
+    },
     /// Run the service (every role unless --roles says otherwise).
     Serve {
         /// Comma list of generation, tracking, sweeper, relay.
@@ -105,6 +129,18 @@ enum Command {
         /// Why.
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// List parked (poison or unprocessable) messages, or requeue one to where it was going.
+    Parked {
+        /// Republish this parked message (by id) to its original exchange and routing key.
+        #[arg(long)]
+        requeue: Option<i64>,
+        /// How many to list.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show a task from the database.
     Status {
@@ -311,11 +347,112 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stop.cancel();
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench {
+            json,
+            duration_secs,
+            warmup_secs,
+            tasks_list,
+            quick,
+            tenants,
+        } => {
+            let settings = load_settings()?;
+            crate::telemetry::init(crate::config::LogFormat::Pretty, "warn,lapin=off");
+            let mut options = crate::bench::BenchOptions::defaults(quick);
+            if let Some(d) = duration_secs {
+                options.duration = std::time::Duration::from_secs(d.max(1));
+            }
+            if let Some(w) = warmup_secs {
+                options.warmup = std::time::Duration::from_secs(w);
+            }
+            if let Some(list) = tasks_list {
+                options.tasks_list = list;
+            }
+            options.tenants = tenants.max(1);
+            let report = crate::bench::run(settings, options).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::bench::render_human(&report));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo { tasks, keep } => {
             let settings = load_settings()?;
             // Logs would tear the progress bars: errors only, unless RUST_LOG says otherwise.
             crate::telemetry::init(crate::config::LogFormat::Pretty, "error,lapin=off");
             crate::demo::run(settings, crate::demo::DemoOptions { tasks, keep }).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Parked {
+            requeue,
+            limit,
+            json,
+        } => {
+            let settings = load_settings()?;
+            let store = crate::store::Store::connect(&settings.database)
+                .await
+                .with_context(|| format!("PostgreSQL at {}", describe_targets(&settings).1))?;
+            if let Some(id) = requeue {
+                let Some(parked) = store.get_parked(id).await? else {
+                    eprintln!("no parked message with id {id}");
+                    return Ok(ExitCode::from(1));
+                };
+                let broker = connect_broker(&settings).await?;
+                let stop = tokio_util::sync::CancellationToken::new();
+                let publisher = crate::broker::Publisher::new(broker, stop.clone());
+                let h = &parked.headers;
+                let text = |k: &str| h.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+                let envelope = crate::messages::Envelope {
+                    exchange: parked.original_exchange.clone(),
+                    routing_key: parked.routing_key.clone(),
+                    body: parked.body.clone(),
+                    message_id: text("messageId")
+                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                    message_type: text("type").unwrap_or_default(),
+                    correlation_id: text("correlationId").unwrap_or_default(),
+                    virtual_key: text("x-virtual-key").unwrap_or_default(),
+                    traceparent: text("traceparent"),
+                    extra_headers: Vec::new(),
+                    mandatory: true,
+                };
+                publisher
+                    .publish(&envelope)
+                    .await
+                    .context("republishing the parked message")?;
+                store.mark_requeued(id).await?;
+                stop.cancel();
+                println!(
+                    "requeued parked message {id} to `{}` / `{}`",
+                    if parked.original_exchange.is_empty() {
+                        "(default exchange)"
+                    } else {
+                        &parked.original_exchange
+                    },
+                    parked.routing_key
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let list = store.list_parked(limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!("no parked messages");
+            } else {
+                println!(
+                    "{:>6}  {:<20}  {:<28}  {:<9}  reason",
+                    "id", "parked at", "from queue", "requeued"
+                );
+                for p in &list {
+                    println!(
+                        "{:>6}  {:<20}  {:<28}  {:<9}  {}",
+                        p.id,
+                        p.parked_at.format("%Y-%m-%d %H:%M:%S"),
+                        p.original_queue,
+                        if p.requeued_at.is_some() { "yes" } else { "no" },
+                        p.reason
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { roles } => {

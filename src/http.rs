@@ -21,8 +21,11 @@ pub fn metrics_handle() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full("video_progress_scheduling_lag_seconds".to_owned()),
+                    // Fine below 100 ms, where the lag target lives (a superset of the
+                    // earlier buckets, so existing queries keep working).
                     &[
-                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                        0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075,
+                        0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
                     ],
                 )
                 .and_then(|b| {

@@ -17,11 +17,12 @@
 //!   partition; [`sweeper`]: re-arms lost chains.
 //! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks.
 //! - [`http`]: health, readiness, metrics, task lookup; [`app`]: roles, start-up and shutdown;
-//!   [`cli`]: the commands.
+//!   [`cli`]: the commands; [`bench`]: the benchmark against the raw broker.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod app;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -1,6 +1,7 @@
 mod broker;
 mod generation;
 mod helpers;
+mod operations;
 mod proxy;
 mod service;
 mod store;

@@ -1,0 +1,2377 @@
+//! `video-orchestrator bench`: progress-check throughput, scheduling lag and memory, measured
+//! against the raw broker in one run, reported as ratios that hold on a noisy shared machine.
+//!
+//! # What runs
+//! - The **simulated provider**, as a child process (`sim-provider`), so its memory and CPU are
+//!   not counted as the service's.
+//! - **Baseline**, in this process: a minimal lapin loop over the same topology (a prefix of its
+//!   own), one self-scheduling hop per message — consume from the partition queues, publish with a
+//!   pipelined confirm into the shortest delay tier, ack after the confirm — with the service's
+//!   prefetch, concurrency, partition count and tier layout. Its rate is the ceiling `ratio`
+//!   divides by. The direct hop (straight back into `video.progress`, no delay) is measured too.
+//! - **The service**, as a child process (`serve --roles tracking,sweeper`) on a fresh prefix and
+//!   the run's fresh database `vo_bench_<hex>`. Tasks are seeded straight into `video_tasks` as
+//!   `processing` rows whose provider task ids are real jobs at the simulator; their first checks
+//!   are published into the shortest tier, spread over one interval so the load is smooth.
+//!
+//! # Phases
+//! 1. Baseline through the 1 s tier: a population of messages circulating; when the rate is bound
+//!    by the population (rate ≈ population per second) the population doubles, up to three steps;
+//!    the best step is the ceiling. Then the direct hop.
+//! 2. Service at saturation: tasks at a 1 s interval, 1.5 × the baseline rate of them to start,
+//!    doubling while the rate is population-bound. Then half of the saturated rate (chains beyond
+//!    it are stopped through `tracking_stopped`, as the generation orchestrator would) for the lag.
+//! 3. Memory: a fresh service process per task count (`--tasks-list`), at the shortest tier
+//!    interval that keeps the check rate under 70 % of saturation (1k at 1 s, 10k at 10 s, 100k at
+//!    60 s on this machine), RSS sampled through a window longer than one interval.
+//!
+//! # How figures are taken
+//! Checks per second from `video_progress_checks_total` deltas (outcomes `progressed`,
+//! `unchanged`, `finished`); lag from the `video_progress_scheduling_lag_seconds` histogram deltas
+//! (interpolated inside buckets; `max` is the upper bound of the highest bucket reached) — for the
+//! baseline it is exact, per message; CPU from `/proc/<pid>/stat`, RSS from `/proc/<pid>/status`,
+//! steal and host load from `/proc/stat`. Lost checks: live chains that did not advance during a
+//! window longer than their interval, plus sweeper re-arms. Duplicate checks: stale drops plus
+//! provider status calls beyond the checks a task's row recorded (`checks_count`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use sqlx::Connection as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, BrokerOptions, Publisher};
+use crate::config::Settings;
+use crate::messages::{Envelope, Meta, VideoProgressCheckRequested};
+use crate::store::Store;
+use crate::topology::{Topology, VIRTUAL_KEY_HEADER};
+
+/// Header the baseline loop carries its due time in (milliseconds since the epoch).
+const DUE_HEADER: &str = "x-bench-due-ms";
+/// Linux `USER_HZ`: `/proc` CPU times are in these ticks.
+const TICKS_PER_SEC: f64 = 100.0;
+/// A rate at or above this share of `population / interval` is bound by the population, not by
+/// the system: there is room for more.
+const POPULATION_BOUND: f64 = 0.8;
+/// Baseline and saturation ramps stop after this many steps.
+const MAX_RAMP_STEPS: usize = 3;
+/// Outcomes of `video_progress_checks_total` that ran the whole check path.
+const FULL_PATH_OUTCOMES: [&str; 3] = ["progressed", "unchanged", "finished"];
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Measured window of each phase.
+    pub duration: Duration,
+    /// Warm-up before each measured window.
+    pub warmup: Duration,
+    /// Tracked-task counts of the memory phases.
+    pub tasks_list: Vec<usize>,
+    /// A short run for development (one baseline step; figures are indicative only).
+    pub quick: bool,
+    /// Virtual keys (tenants) the tasks are spread over.
+    pub tenants: usize,
+}
+
+impl BenchOptions {
+    /// Defaults for a full run (`quick = false`) or a quick one, before command-line overrides.
+    pub fn defaults(quick: bool) -> Self {
+        if quick {
+            Self {
+                duration: Duration::from_secs(8),
+                warmup: Duration::from_secs(4),
+                tasks_list: vec![1000, 10000],
+                quick,
+                tenants: 64,
+            }
+        } else {
+            Self {
+                duration: Duration::from_secs(30),
+                warmup: Duration::from_secs(10),
+                tasks_list: vec![1000, 10000, 100000],
+                quick,
+                tenants: 64,
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+/// Scheduling lag, in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LagMs {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest seen (for histograms: upper bound of the highest bucket reached).
+    pub max: f64,
+    /// Checks or hops the figures are taken from.
+    pub samples: u64,
+}
+
+/// CPU use over a window.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CpuWindow {
+    /// Wall-clock seconds of the window.
+    pub wall_secs: f64,
+    /// CPU seconds of the service process (0 for baseline windows).
+    pub service_cpu_secs: f64,
+    /// CPU seconds of this process (the baseline loop, or the bench driver).
+    pub driver_cpu_secs: f64,
+    /// CPU seconds of RabbitMQ (`beam.smp`).
+    pub broker_cpu_secs: f64,
+    /// CPU seconds of every `postgres` process.
+    pub postgres_cpu_secs: f64,
+    /// CPU seconds of the simulated provider.
+    pub sim_cpu_secs: f64,
+    /// CPU seconds of everything else on the host (other engineers' builds and tests).
+    pub other_cpu_secs: f64,
+    /// Host CPU busy, percent of all cores.
+    pub host_busy_pct: f64,
+    /// Host CPU stolen by the hypervisor, percent of all cores.
+    pub steal_pct: f64,
+}
+
+/// One measured window of the baseline loop.
+#[derive(Debug, Clone, Serialize)]
+pub struct HopWindow {
+    /// Messages circulating.
+    pub population: usize,
+    /// Hops (consume → confirmed publish → ack) per second.
+    pub hops_per_sec: f64,
+    /// Processing time minus due time (exact, per message).
+    pub lag_ms: LagMs,
+    /// Client CPU seconds per 1,000 hops.
+    pub client_cpu_seconds_per_1000_hops: f64,
+    /// Broker CPU seconds per 1,000 hops.
+    pub broker_cpu_seconds_per_1000_hops: f64,
+    /// Publishes that failed or were nacked.
+    pub failures: u64,
+    /// CPU over the window.
+    pub cpu: CpuWindow,
+}
+
+/// One measured window of the service.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceWindow {
+    /// Tasks with a live check chain.
+    pub tracked_tasks: usize,
+    /// Interval between a task's checks.
+    pub interval_ms: u64,
+    /// Checks that ran the full path, per second.
+    pub checks_per_sec: f64,
+    /// Share of those checks that published a progress event.
+    pub progress_events_per_check: f64,
+    /// `video_progress_checks_total` increments by outcome.
+    pub outcomes: BTreeMap<String, u64>,
+    /// From the service's histogram.
+    pub lag_ms: LagMs,
+    /// Service CPU seconds per 1,000 checks.
+    pub cpu_seconds_per_1000_checks: f64,
+    /// Broker CPU seconds per 1,000 checks.
+    pub broker_cpu_seconds_per_1000_checks: f64,
+    /// PostgreSQL CPU seconds per 1,000 checks.
+    pub postgres_cpu_seconds_per_1000_checks: f64,
+    /// Largest service RSS sampled in the window.
+    pub service_rss_mb: f64,
+    /// Mean service RSS in the window.
+    pub service_rss_mean_mb: f64,
+    /// CPU over the window.
+    pub cpu: CpuWindow,
+}
+
+/// One memory point.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryPoint {
+    /// Tasks tracked.
+    pub tracked_tasks: usize,
+    /// The service process's RSS peak since it started (`VmHWM`), seeding included.
+    pub service_rss_hwm_mb: f64,
+    /// The measured window.
+    pub window: ServiceWindow,
+    /// Chain integrity of this service process.
+    pub integrity: Integrity,
+}
+
+/// Did every chain survive, once?
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Integrity {
+    /// Tasks seeded into this service process.
+    pub tasks: usize,
+    /// Live chains that did not advance through a window longer than their interval.
+    pub dead_chains: u64,
+    /// Chains the sweeper had to re-arm.
+    pub rearmed: u64,
+    /// Checks dropped as stale (a duplicate or forked check arrived).
+    pub stale: u64,
+    /// Provider status calls beyond what the rows recorded (a check that ran twice).
+    pub double_processed: u64,
+    /// Checks that failed (provider or database), the chain going on.
+    pub errors: u64,
+    /// Publishes the service had to re-send.
+    pub republished: u64,
+}
+
+/// Machine state around the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MachineInfo {
+    /// Cores.
+    pub cpus: usize,
+    /// `/proc/loadavg` at the start.
+    pub loadavg_start: String,
+    /// `/proc/loadavg` at the end.
+    pub loadavg_end: String,
+    /// Cargo, rustc or test binaries running at the start (other engineers' work).
+    pub concurrent_builds_start: Vec<String>,
+    /// The same at the end.
+    pub concurrent_builds_end: Vec<String>,
+    /// CPU steal over the whole run, percent.
+    pub steal_pct: f64,
+    /// Host CPU used by processes outside the bench over the whole run, percent of all cores.
+    pub other_cpu_pct: f64,
+}
+
+/// The settings the run used.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunConfig {
+    /// Progress partitions.
+    pub partitions: u16,
+    /// Prefetch per partition consumer.
+    pub prefetch: u16,
+    /// Checks in flight per instance.
+    pub concurrency: usize,
+    /// Checks in flight per virtual key.
+    pub per_key_concurrency: usize,
+    /// Delay tiers.
+    pub delay_tiers_ms: Vec<u64>,
+    /// Virtual keys.
+    pub tenants: usize,
+    /// Warm-up per phase.
+    pub warmup_secs: f64,
+    /// Measured window per phase.
+    pub duration_secs: f64,
+    /// `--quick`.
+    pub quick: bool,
+    /// Duration of the simulated jobs of the throughput phases.
+    pub throughput_job_duration_secs: u64,
+}
+
+/// Pass/fail against the issue's targets (measured, never asserted).
+#[derive(Debug, Clone, Serialize)]
+pub struct Targets {
+    /// `ratio >= 0.6`.
+    pub ratio_at_least_0_6: bool,
+    /// `lag_ms.p99 <= 50` at half of the saturated rate.
+    pub lag_p99_at_most_50ms: bool,
+    /// RSS within 20 % from the smallest to the largest task count.
+    pub rss_flat_within_20pct: bool,
+    /// RSS under 100 MB at every task count.
+    pub rss_under_100mb: bool,
+    /// No lost and no duplicate checks.
+    pub no_lost_or_duplicate_checks: bool,
+}
+
+/// Everything the run measured. Field names are stable.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Report format version.
+    pub version: u32,
+    /// When the run started (RFC 3339).
+    pub started_at: String,
+    /// How long the run took.
+    pub elapsed_secs: f64,
+    /// The raw broker's ceiling: hops per second through the shortest delay tier.
+    pub baseline_hops_per_sec: f64,
+    /// The raw broker's direct hop (no delay), for context.
+    pub direct_hops_per_sec: f64,
+    /// The service's checks per second at saturation.
+    pub checks_per_sec: f64,
+    /// `checks_per_sec / baseline_hops_per_sec`.
+    pub ratio: f64,
+    /// Scheduling lag at half of the saturated rate.
+    pub lag_ms: LagMs,
+    /// Check rate of the half-rate phase.
+    pub half_rate_checks_per_sec: f64,
+    /// Task counts of the memory phases.
+    pub tracked_tasks: Vec<usize>,
+    /// Service RSS (largest in the window) at each task count, same order.
+    pub service_rss_mb: Vec<f64>,
+    /// Dead chains plus sweeper re-arms, over every service process.
+    pub lost_checks: u64,
+    /// Stale drops plus double-processed checks, over every service process.
+    pub duplicate_checks: u64,
+    /// Service CPU seconds per 1,000 checks at saturation.
+    pub cpu_seconds_per_1000_checks: f64,
+    /// Service CPU seconds per 1,000 checks at half rate.
+    pub cpu_seconds_per_1000_checks_half_rate: f64,
+    /// Baseline client CPU seconds per 1,000 hops (same unit, for comparison).
+    pub baseline_cpu_seconds_per_1000_hops: f64,
+    /// CPU steal over the whole run, percent.
+    pub steal_pct: f64,
+    /// Pass/fail.
+    pub targets: Targets,
+    /// Machine state.
+    pub machine: MachineInfo,
+    /// Settings.
+    pub config: RunConfig,
+    /// Baseline ramp steps through the tier.
+    pub baseline_steps: Vec<HopWindow>,
+    /// The direct hop.
+    pub direct: HopWindow,
+    /// Service saturation ramp steps.
+    pub saturation_steps: Vec<ServiceWindow>,
+    /// The half-rate window.
+    pub half_rate: ServiceWindow,
+    /// Integrity of the throughput service process.
+    pub throughput_integrity: Integrity,
+    /// Memory points.
+    pub memory: Vec<MemoryPoint>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+
+/// Nearest-rank percentile of sorted samples (`q` in 0–1); 0 when empty.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (q.clamp(0.0, 1.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Lag figures from raw samples in milliseconds.
+pub fn lag_from_samples(mut samples: Vec<f64>) -> LagMs {
+    samples.sort_by(f64::total_cmp);
+    LagMs {
+        p50: percentile(&samples, 0.50),
+        p99: percentile(&samples, 0.99),
+        max: samples.last().copied().unwrap_or(0.0),
+        samples: samples.len() as u64,
+    }
+}
+
+/// A quantile of a cumulative histogram (`(upper bound, cumulative count)`, ascending, the last
+/// bound possibly infinite), interpolated linearly inside the bucket as Prometheus does. A
+/// quantile in the `+Inf` bucket answers the highest finite bound.
+pub fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let Some(&(_, total)) = buckets.last() else {
+        return 0.0;
+    };
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let rank = q.clamp(0.0, 1.0) * total;
+    let mut lower = 0.0;
+    let mut below = 0.0;
+    for &(bound, cumulative) in buckets {
+        if cumulative >= rank && cumulative > below {
+            if bound.is_infinite() {
+                return lower;
+            }
+            return lower + (bound - lower) * (rank - below) / (cumulative - below);
+        }
+        if bound.is_finite() {
+            lower = bound;
+        }
+        below = cumulative;
+    }
+    lower
+}
+
+/// Upper bound of the highest bucket that holds anything (the highest finite bound when that is
+/// `+Inf`); 0 when empty.
+pub fn histogram_max(buckets: &[(f64, f64)]) -> f64 {
+    let mut below = 0.0;
+    let mut max = 0.0;
+    let mut last_finite = 0.0;
+    for &(bound, cumulative) in buckets {
+        if cumulative > below {
+            max = if bound.is_finite() {
+                bound
+            } else {
+                last_finite
+            };
+        }
+        if bound.is_finite() {
+            last_finite = bound;
+        }
+        below = cumulative;
+    }
+    max
+}
+
+/// Lag from a delta of the lag histogram (seconds), in milliseconds.
+fn lag_from_histogram(buckets: &[(f64, f64)]) -> LagMs {
+    LagMs {
+        p50: round2(histogram_quantile(buckets, 0.50) * 1000.0),
+        p99: round2(histogram_quantile(buckets, 0.99) * 1000.0),
+        max: round2(histogram_max(buckets) * 1000.0),
+        samples: buckets.last().map_or(0, |b| b.1 as u64),
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn per_1000(cpu_secs: f64, count: f64) -> f64 {
+    if count <= 0.0 {
+        0.0
+    } else {
+        (cpu_secs / count * 1000.0 * 10_000.0).round() / 10_000.0
+    }
+}
+
+/// The shortest tier whose interval keeps `tasks` checks under `budget` checks per second (the
+/// longest tier when none does).
+pub fn memory_interval_ms(tasks: usize, budget_per_sec: f64, tiers: &[u64]) -> u64 {
+    tiers
+        .iter()
+        .copied()
+        .find(|t| tasks as f64 * 1000.0 / *t as f64 <= budget_per_sec)
+        .unwrap_or_else(|| tiers.last().copied().unwrap_or(1000))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text
+
+/// A scrape of `/metrics`: `(name, labels, value)` samples.
+#[derive(Debug, Clone, Default)]
+struct Scrape {
+    samples: Vec<(String, Vec<(String, String)>, f64)>,
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = match line.rsplit_once(' ') {
+                Some(x) => x,
+                None => continue,
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, parse_labels(rest.trim_end_matches('}'))),
+                None => (series, Vec::new()),
+            };
+            samples.push((name.trim().to_owned(), labels, value));
+        }
+        Self { samples }
+    }
+
+    /// Sum of the samples named `name` whose labels include every pair of `filter`.
+    fn sum(&self, name: &str, filter: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(n, labels, _)| {
+                n == name
+                    && filter
+                        .iter()
+                        .all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// Every value of label `label` on samples named `name`, with the sample.
+    fn by_label(&self, name: &str, label: &str) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for (n, labels, v) in &self.samples {
+            if n != name {
+                continue;
+            }
+            if let Some((_, lv)) = labels.iter().find(|(k, _)| k == label) {
+                *out.entry(lv.clone()).or_insert(0.0) += v;
+            }
+        }
+        out
+    }
+
+    /// Cumulative buckets of histogram `name` (`name_bucket{le=…}`), ascending.
+    fn buckets(&self, name: &str) -> Vec<(f64, f64)> {
+        let bucket = format!("{name}_bucket");
+        let mut out: Vec<(f64, f64)> = self
+            .samples
+            .iter()
+            .filter(|(n, _, _)| *n == bucket)
+            .filter_map(|(_, labels, v)| {
+                let le = labels.iter().find(|(k, _)| k == "le")?.1.as_str();
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((bound, *v))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.total_cmp(&b.0));
+        out
+    }
+}
+
+fn parse_labels(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(n);
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim().trim_start_matches(',').trim().to_owned(), value));
+        rest = &after[end.min(after.len())..];
+    }
+    out
+}
+
+/// Bucket-wise difference of two cumulative histograms with the same bounds.
+fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|&(bound, count)| {
+            let earlier = before
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map_or(0.0, |(_, c)| *c);
+            (bound, (count - earlier).max(0.0))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc
+
+#[derive(Debug, Clone, Copy, Default)]
+struct HostCpu {
+    busy: u64,
+    steal: u64,
+    total: u64,
+}
+
+fn parse_proc_stat(text: &str) -> HostCpu {
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return HostCpu::default();
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let get = |i: usize| v.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal (guest is already inside user)
+    let busy = get(0) + get(1) + get(2) + get(5) + get(6);
+    let idle = get(3) + get(4);
+    let steal = get(7);
+    HostCpu {
+        busy,
+        steal,
+        total: busy + idle + steal,
+    }
+}
+
+fn host_cpu() -> HostCpu {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").unwrap_or_default())
+}
+
+/// utime + stime of a process, in ticks, with its command name.
+fn pid_stat(pid: u32) -> Option<(String, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat[open + 1..close].to_owned();
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+fn pid_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| {
+        l.strip_prefix(key)?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+fn rss_mb(pid: u32) -> Option<f64> {
+    pid_status_kb(pid, "VmRSS:").map(|kb| kb as f64 / 1024.0)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct CpuSnapshot {
+    at: Option<Instant>,
+    host: HostCpu,
+    service: u64,
+    driver: u64,
+    broker: u64,
+    postgres: u64,
+    sim: u64,
+}
+
+impl CpuSnapshot {
+    fn take(service: Option<u32>, sim: Option<u32>) -> Self {
+        let host = host_cpu();
+        let mut broker = 0;
+        let mut postgres = 0;
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if let Some((comm, ticks)) = pid_stat(pid) {
+                    if comm == "beam.smp" {
+                        broker += ticks;
+                    } else if comm.starts_with("postgres") {
+                        postgres += ticks;
+                    }
+                }
+            }
+        }
+        let ticks = |pid: Option<u32>| pid.and_then(pid_stat).map_or(0, |(_, t)| t);
+        Self {
+            at: Some(Instant::now()),
+            host,
+            service: ticks(service),
+            driver: ticks(Some(std::process::id())),
+            broker,
+            postgres,
+            sim: ticks(sim),
+        }
+    }
+
+    fn since(&self, before: &Self) -> CpuWindow {
+        let secs = |a: u64, b: u64| a.saturating_sub(b) as f64 / TICKS_PER_SEC;
+        let wall = match (self.at, before.at) {
+            (Some(a), Some(b)) => a.duration_since(b).as_secs_f64(),
+            _ => 0.0,
+        };
+        let total = self.host.total.saturating_sub(before.host.total) as f64;
+        let busy = self.host.busy.saturating_sub(before.host.busy) as f64;
+        let steal = self.host.steal.saturating_sub(before.host.steal) as f64;
+        let service = secs(self.service, before.service);
+        let driver = secs(self.driver, before.driver);
+        let broker = secs(self.broker, before.broker);
+        let postgres = secs(self.postgres, before.postgres);
+        let sim = secs(self.sim, before.sim);
+        let known = service + driver + broker + postgres + sim;
+        let pct = |x: f64| {
+            if total > 0.0 {
+                round2(x / total * 100.0)
+            } else {
+                0.0
+            }
+        };
+        CpuWindow {
+            wall_secs: round2(wall),
+            service_cpu_secs: round2(service),
+            driver_cpu_secs: round2(driver),
+            broker_cpu_secs: round2(broker),
+            postgres_cpu_secs: round2(postgres),
+            sim_cpu_secs: round2(sim),
+            other_cpu_secs: round2((busy / TICKS_PER_SEC - known).max(0.0)),
+            host_busy_pct: pct(busy),
+            steal_pct: pct(steal),
+        }
+    }
+}
+
+/// Cargo, rustc and test binaries running now: other engineers' work that skews figures.
+fn concurrent_builds() -> Vec<String> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let first = cmd.split_whitespace().next().unwrap_or("");
+            let exe = first.rsplit('/').next().unwrap_or("");
+            if exe == "cargo" || exe == "rustc" || cmd.contains("target/debug/deps") {
+                let mut short: String = cmd.chars().take(120).collect();
+                short = short.trim().to_owned();
+                out.push(format!("{pid} {short}"));
+            }
+        }
+    }
+    out
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// A child process we started; killed if dropped, stopped with SIGTERM by [`ChildProc::stop`].
+#[derive(Debug)]
+struct ChildProc {
+    name: String,
+    child: tokio::process::Child,
+    pid: u32,
+    log: PathBuf,
+}
+
+impl ChildProc {
+    fn spawn(
+        name: &str,
+        exe: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+        log: PathBuf,
+    ) -> anyhow::Result<Self> {
+        let file = std::fs::File::create(&log)
+            .with_context(|| format!("creating the log file {}", log.display()))?;
+        let child = tokio::process::Command::new(exe)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", exe.display()))?;
+        let pid = child
+            .id()
+            .with_context(|| format!("{name} exited at once"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            pid,
+            log,
+        })
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    async fn stop(mut self, grace: Duration) {
+        if self.exited().is_some() {
+            return;
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(_) => {}
+            Err(_) => {
+                eprintln!(
+                    "bench: {} (pid {}) did not stop within {grace:?}; killing it",
+                    self.name, self.pid
+                );
+                let _ = self.child.kill().await;
+            }
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?)
+}
+
+/// The service as a child process.
+#[derive(Debug)]
+struct ServiceProc {
+    proc: ChildProc,
+    http: SocketAddr,
+    prefix: String,
+}
+
+impl ServiceProc {
+    async fn start(ctx: &Ctx, prefix: &str, interval_ms: u64, label: &str) -> anyhow::Result<Self> {
+        let http = free_port()?;
+        let mut env: Vec<(String, String)> = vec![
+            ("APP__TOPOLOGY__PREFIX".into(), prefix.to_owned()),
+            (
+                "APP__DATABASE__URL".into(),
+                ctx.settings.database.url.expose_secret().to_owned(),
+            ),
+            ("APP__HTTP__LISTEN".into(), http.to_string()),
+            ("APP__PROVIDERS__SIM__BASE_URL".into(), ctx.sim_url.clone()),
+            (
+                "APP__TRACKING__MIN_INTERVAL_MS".into(),
+                interval_ms.to_string(),
+            ),
+            (
+                "APP__TRACKING__MAX_INTERVAL_MS".into(),
+                interval_ms.to_string(),
+            ),
+            (
+                "APP__RABBITMQ__CONNECTION_NAME".into(),
+                format!("video-orchestrator-bench {label}"),
+            ),
+            (
+                "RUST_LOG".into(),
+                std::env::var("VO_BENCH_SERVICE_LOG")
+                    .unwrap_or_else(|_| crate::telemetry::DEFAULT_FILTER.to_owned()),
+            ),
+        ];
+        if ctx.settings.rabbitmq.urls.is_empty() {
+            env.push((
+                "APP__RABBITMQ__URL".into(),
+                ctx.settings.rabbitmq.url.expose_secret().to_owned(),
+            ));
+        }
+        let proc = ChildProc::spawn(
+            &format!("service {label}"),
+            &ctx.exe,
+            &["serve", "--roles", "tracking,sweeper"],
+            &env,
+            ctx.workdir.join(format!("service-{label}.log")),
+        )?;
+        let mut service = Self {
+            proc,
+            http,
+            prefix: prefix.to_owned(),
+        };
+        service.wait_ready(ctx).await?;
+        Ok(service)
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.pid
+    }
+
+    async fn wait_ready(&mut self, ctx: &Ctx) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let partitions = f64::from(ctx.settings.topology.partitions);
+        loop {
+            if let Some(status) = self.proc.exited() {
+                bail!(
+                    "the service exited during start-up ({status}); its log ({}):\n{}",
+                    self.proc.log.display(),
+                    self.proc.log_tail()
+                );
+            }
+            if let Ok(scrape) = self.scrape(ctx).await {
+                if scrape.sum("video_progress_owned_partitions", &[]) >= partitions {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the service did not take its {partitions} partitions within 90 s; its log ({}):\n{}",
+                    self.proc.log.display(),
+                    self.proc.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn scrape(&self, ctx: &Ctx) -> anyhow::Result<Scrape> {
+        let text = ctx
+            .http
+            .get(format!("http://{}/metrics", self.http))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(Scrape::parse(&text))
+    }
+
+    fn hwm_mb(&self) -> f64 {
+        pid_status_kb(self.pid(), "VmHWM:").map_or(0.0, |kb| round2(kb as f64 / 1024.0))
+    }
+
+    /// One measured window: checks, lag and CPU deltas, RSS sampled every 250 ms.
+    async fn measure(
+        &self,
+        ctx: &Ctx,
+        duration: Duration,
+        tracked_tasks: usize,
+        interval_ms: u64,
+    ) -> anyhow::Result<ServiceWindow> {
+        let before = self.scrape(ctx).await?;
+        let cpu_before = CpuSnapshot::take(Some(self.pid()), ctx.sim_pid);
+        let end = Instant::now() + duration;
+        let mut rss = Vec::new();
+        while Instant::now() < end {
+            if let Some(mb) = rss_mb(self.pid()) {
+                rss.push(mb);
+            }
+            tokio::time::sleep(Duration::from_millis(250).min(end - Instant::now())).await;
+        }
+        let after = self.scrape(ctx).await?;
+        let cpu = CpuSnapshot::take(Some(self.pid()), ctx.sim_pid).since(&cpu_before);
+        if let Some(mb) = rss_mb(self.pid()) {
+            rss.push(mb);
+        }
+
+        let b = before.by_label("video_progress_checks_total", "outcome");
+        let a = after.by_label("video_progress_checks_total", "outcome");
+        let outcomes: BTreeMap<String, u64> = a
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    (v - b.get(k).copied().unwrap_or(0.0)).max(0.0) as u64,
+                )
+            })
+            .filter(|(_, v)| *v > 0)
+            .collect();
+        let full: u64 = FULL_PATH_OUTCOMES
+            .iter()
+            .map(|o| outcomes.get(*o).copied().unwrap_or(0))
+            .sum();
+        let progressed = outcomes.get("progressed").copied().unwrap_or(0);
+        let lag = histogram_delta(
+            &before.buckets("video_progress_scheduling_lag_seconds"),
+            &after.buckets("video_progress_scheduling_lag_seconds"),
+        );
+        let wall = cpu.wall_secs.max(0.001);
+        let full_f = full as f64;
+        Ok(ServiceWindow {
+            tracked_tasks,
+            interval_ms,
+            checks_per_sec: round2(full_f / wall),
+            progress_events_per_check: if full > 0 {
+                round2(progressed as f64 / full_f)
+            } else {
+                0.0
+            },
+            outcomes,
+            lag_ms: lag_from_histogram(&lag),
+            cpu_seconds_per_1000_checks: per_1000(cpu.service_cpu_secs, full_f),
+            broker_cpu_seconds_per_1000_checks: per_1000(cpu.broker_cpu_secs, full_f),
+            postgres_cpu_seconds_per_1000_checks: per_1000(cpu.postgres_cpu_secs, full_f),
+            service_rss_mb: round2(rss.iter().copied().fold(0.0, f64::max)),
+            service_rss_mean_mb: round2(rss.iter().sum::<f64>() / rss.len().max(1) as f64),
+            cpu,
+        })
+    }
+
+    /// Integrity counters from the service's metrics (read before it stops).
+    async fn counters(&self, ctx: &Ctx) -> anyhow::Result<(u64, u64, u64, u64)> {
+        let s = self.scrape(ctx).await?;
+        Ok((
+            s.sum("video_progress_rearmed_total", &[]) as u64,
+            s.sum("video_progress_checks_total", &[("outcome", "stale")]) as u64,
+            s.sum("video_progress_checks_total", &[("outcome", "error")]) as u64,
+            s.sum("video_broker_republished_total", &[]) as u64,
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Baseline: the raw broker
+
+#[derive(Debug, Clone)]
+enum HopTarget {
+    /// Into the delay tier of this many milliseconds.
+    Tier(u64),
+    /// Straight back into `video.progress`.
+    Direct,
+}
+
+#[derive(Debug)]
+struct RawState {
+    hops: AtomicU64,
+    failures: AtomicU64,
+    measuring: AtomicBool,
+    lags_ms: Mutex<Vec<f64>>,
+    publishers: Vec<Channel>,
+    next_publisher: AtomicUsize,
+    exchange: String,
+    routing_key: String,
+    delay_ms: i64,
+}
+
+impl RawState {
+    fn publisher(&self) -> &Channel {
+        let i = self.next_publisher.fetch_add(1, Ordering::Relaxed) % self.publishers.len();
+        &self.publishers[i]
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get(&ShortString::from(name))? {
+        AMQPValue::LongLongInt(v) => Some(*v),
+        AMQPValue::LongInt(v) => Some(i64::from(*v)),
+        _ => None,
+    }
+}
+
+/// The minimal self-scheduling loop: every partition consumed with the service's prefetch, at
+/// most `concurrency` hops in flight, each publish awaiting its own confirm (many in flight on
+/// the shared confirm channel), ack after the confirm.
+#[derive(Debug)]
+struct RawLoop {
+    state: Arc<RawState>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+    seeded: usize,
+    tenants: usize,
+    body: Vec<u8>,
+}
+
+impl RawLoop {
+    async fn start(
+        conn: &Connection,
+        topology: &Topology,
+        target: HopTarget,
+        prefetch: u16,
+        concurrency: usize,
+        tenants: usize,
+    ) -> anyhow::Result<Self> {
+        topology
+            .declare(conn)
+            .await
+            .context("declaring the baseline topology")?;
+        // The service's shape: one confirm channel shared by every publish.
+        let publisher = conn.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let (exchange, routing_key, delay_ms) = match target {
+            HopTarget::Tier(ms) => (
+                String::new(),
+                topology.delay_queue(ms),
+                i64::try_from(ms).unwrap_or(1000),
+            ),
+            HopTarget::Direct => (topology.progress_exchange(), String::new(), 0),
+        };
+        let state = Arc::new(RawState {
+            hops: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            measuring: AtomicBool::new(false),
+            lags_ms: Mutex::new(Vec::new()),
+            publishers: vec![publisher],
+            next_publisher: AtomicUsize::new(0),
+            exchange,
+            routing_key,
+            delay_ms,
+        });
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(concurrency));
+        for p in 0..topology.partitions() {
+            let channel = conn.create_channel().await?;
+            channel
+                .basic_qos(prefetch, BasicQosOptions::default())
+                .await?;
+            let consumer = channel
+                .basic_consume(
+                    topology.partition_queue(p).as_str().into(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            tasks.spawn(raw_consume(
+                channel,
+                consumer,
+                state.clone(),
+                limit.clone(),
+                stop.clone(),
+                tasks.clone(),
+            ));
+        }
+        let sample = VideoProgressCheckRequested {
+            meta: Meta::new(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+            virtual_key_id: "vk-bench-000".to_owned(),
+            scheduled_at: crate::messages::now(),
+            interval_index: 0,
+            start_time: crate::messages::now(),
+            sequence: 0,
+        };
+        let body = Envelope::to_queue(topology.delay_queue(1000), &sample).body;
+        Ok(Self {
+            state,
+            stop,
+            tasks,
+            seeded: 0,
+            tenants,
+            body,
+        })
+    }
+
+    /// Adds `n` messages, spread over `pace` (so a closed loop through a tier is smooth).
+    async fn add(&mut self, n: usize, pace: Duration) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let tick = Duration::from_millis(20);
+        let ticks = (pace.as_millis() / tick.as_millis()).max(1) as usize;
+        let per_tick = n.div_ceil(ticks);
+        let mut sent = 0;
+        let mut i = 0u64;
+        while sent < n {
+            let batch = per_tick.min(n - sent);
+            let mut confirms = Vec::with_capacity(batch);
+            for _ in 0..batch {
+                let index = self.seeded + sent;
+                sent += 1;
+                let mut headers = FieldTable::default();
+                headers.insert(
+                    VIRTUAL_KEY_HEADER.into(),
+                    AMQPValue::LongString(tenant(index, self.tenants).as_str().into()),
+                );
+                headers.insert(
+                    DUE_HEADER.into(),
+                    AMQPValue::LongLongInt(now_ms() + self.state.delay_ms),
+                );
+                let props = BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(2)
+                    .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into())
+                    .with_type("VideoProgressCheckRequested".into())
+                    .with_headers(headers);
+                let confirm = self
+                    .state
+                    .publisher()
+                    .basic_publish(
+                        self.state.exchange.as_str().into(),
+                        self.state.routing_key.as_str().into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &self.body,
+                        props,
+                    )
+                    .await?;
+                confirms.push(confirm);
+            }
+            for c in futures::future::join_all(confirms).await {
+                c.context("seeding the baseline")?;
+            }
+            i += 1;
+            let next = started + tick * u32::try_from(i).unwrap_or(u32::MAX);
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        self.seeded += n;
+        Ok(())
+    }
+
+    async fn measure(&self, warmup: Duration, duration: Duration, sim: Option<u32>) -> HopWindow {
+        tokio::time::sleep(warmup).await;
+        self.state
+            .lags_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let cpu_before = CpuSnapshot::take(None, sim);
+        let hops_before = self.state.hops.load(Ordering::Relaxed);
+        let failures_before = self.state.failures.load(Ordering::Relaxed);
+        self.state.measuring.store(true, Ordering::Relaxed);
+        tokio::time::sleep(duration).await;
+        self.state.measuring.store(false, Ordering::Relaxed);
+        let hops = self.state.hops.load(Ordering::Relaxed) - hops_before;
+        let failures = self.state.failures.load(Ordering::Relaxed) - failures_before;
+        let cpu = CpuSnapshot::take(None, sim).since(&cpu_before);
+        let lags =
+            std::mem::take(&mut *self.state.lags_ms.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut lag = lag_from_samples(lags);
+        lag.p50 = round2(lag.p50);
+        lag.p99 = round2(lag.p99);
+        HopWindow {
+            population: self.seeded,
+            hops_per_sec: round2(hops as f64 / cpu.wall_secs.max(0.001)),
+            lag_ms: lag,
+            client_cpu_seconds_per_1000_hops: per_1000(cpu.driver_cpu_secs, hops as f64),
+            broker_cpu_seconds_per_1000_hops: per_1000(cpu.broker_cpu_secs, hops as f64),
+            failures,
+            cpu,
+        }
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.tasks.wait()).await;
+        for ch in &self.state.publishers {
+            let _ = ch.close(200, "bench over".into()).await;
+        }
+    }
+}
+
+async fn raw_consume(
+    channel: Channel,
+    mut consumer: lapin::Consumer,
+    state: Arc<RawState>,
+    limit: Arc<Semaphore>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            n = consumer.next() => n,
+        };
+        let Some(Ok(delivery)) = next else { break };
+        let state = state.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            raw_hop(&state, delivery).await;
+        });
+    }
+    let _ = channel.close(200, "bench over".into()).await;
+}
+
+async fn raw_hop(state: &RawState, delivery: lapin::message::Delivery) {
+    let now = now_ms();
+    if state.measuring.load(Ordering::Relaxed) {
+        if let Some(due) = header_i64(&delivery.properties, DUE_HEADER) {
+            state
+                .lags_ms
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((now - due) as f64);
+        }
+    }
+    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        DUE_HEADER.into(),
+        AMQPValue::LongLongInt(now + state.delay_ms),
+    );
+    let props = delivery.properties.clone().with_headers(headers);
+    let published = match state
+        .publisher()
+        .basic_publish(
+            state.exchange.as_str().into(),
+            state.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &delivery.data,
+            props,
+        )
+        .await
+    {
+        Ok(confirm) => matches!(
+            confirm.await,
+            Ok(Confirmation::Ack(None) | Confirmation::NotRequested)
+        ),
+        Err(_) => false,
+    };
+    if published {
+        let _ = delivery.ack(BasicAckOptions::default()).await;
+        state.hops.fetch_add(1, Ordering::Relaxed);
+    } else {
+        state.failures.fetch_add(1, Ordering::Relaxed);
+        let _ = delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await;
+    }
+}
+
+fn tenant(index: usize, tenants: usize) -> String {
+    format!("vk-bench-{:03}", index % tenants.max(1))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Seeding the service
+
+/// A seeded task.
+#[derive(Debug, Clone)]
+struct Seeded {
+    request_id: String,
+    virtual_key: String,
+}
+
+/// Creates `n` jobs at the simulator (OpenAI protocol) lasting `duration_ms` each.
+async fn create_jobs(ctx: &Ctx, n: usize, duration_ms: u64) -> anyhow::Result<Vec<String>> {
+    let url = format!("{}/v1/videos", ctx.sim_url);
+    let body = serde_json::json!({
+        "model": "sim-bench",
+        "prompt": format!("benchmark job [duration={duration_ms}]"),
+    });
+    let ids: Vec<anyhow::Result<String>> = futures::stream::iter(0..n)
+        .map(|_| {
+            let request = ctx
+                .http
+                .post(&url)
+                .bearer_auth("sim-key")
+                .json(&body)
+                .send();
+            async move {
+                let v: serde_json::Value = request.await?.error_for_status()?.json().await?;
+                v["id"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .context("the simulator answered without an id")
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    ids.into_iter().collect()
+}
+
+/// Inserts `processing` rows for `jobs` (request ids `{tag}-{index}`), each first check due at
+/// `now + offsets[i]`.
+async fn insert_tasks(
+    ctx: &Ctx,
+    tag: &str,
+    first_index: usize,
+    jobs: &[String],
+    offsets_secs: &[f64],
+) -> anyhow::Result<Vec<Seeded>> {
+    let mut seeded = Vec::with_capacity(jobs.len());
+    for (chunk_no, chunk) in jobs.chunks(5000).enumerate() {
+        let base = first_index + chunk_no * 5000;
+        let ids: Vec<String> = (0..chunk.len())
+            .map(|i| format!("{tag}-{:07}", base + i))
+            .collect();
+        let keys: Vec<String> = (0..chunk.len())
+            .map(|i| tenant(base + i, ctx.tenants))
+            .collect();
+        let offsets: Vec<f64> =
+            offsets_secs[chunk_no * 5000..chunk_no * 5000 + chunk.len()].to_vec();
+        sqlx::query(
+            "INSERT INTO video_tasks (request_id, virtual_key_id, model, prompt, provider,
+                 provider_task_id, status, started_at, check_sequence, next_check_at)
+             SELECT r, v, 'sim-bench', 'benchmark job', 'sim', p, 'processing', now(), 0,
+                 now() + make_interval(secs => o)
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::float8[]) AS t(r, v, p, o)",
+        )
+        .bind(&ids)
+        .bind(&keys)
+        .bind(chunk)
+        .bind(&offsets)
+        .execute(ctx.store.pool())
+        .await
+        .context("seeding video_tasks")?;
+        seeded.extend(
+            ids.into_iter()
+                .zip(keys)
+                .map(|(request_id, virtual_key)| Seeded {
+                    request_id,
+                    virtual_key,
+                }),
+        );
+    }
+    Ok(seeded)
+}
+
+/// Offsets (seconds from now) at which `n` first checks spread over `pace` fall due through the
+/// `tier_ms` tier.
+fn first_check_offsets(n: usize, pace: Duration, tier_ms: u64) -> Vec<f64> {
+    let step = pace.as_secs_f64() / n.max(1) as f64;
+    (0..n)
+        .map(|i| i as f64 * step + tier_ms as f64 / 1000.0)
+        .collect()
+}
+
+/// Publishes the first check of each task into the `tier_ms` tier, spread evenly over `pace`.
+async fn publish_first_checks(
+    publisher: &Publisher,
+    topology: &Topology,
+    tasks: &[Seeded],
+    tier_ms: u64,
+    pace: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let tick = Duration::from_millis(20);
+    let ticks = (pace.as_millis() / tick.as_millis()).max(1) as usize;
+    let per_tick = tasks.len().div_ceil(ticks).max(1);
+    for (i, chunk) in tasks.chunks(per_tick).enumerate() {
+        let publishes = chunk.iter().map(|t| {
+            let now = crate::messages::now();
+            let check = VideoProgressCheckRequested {
+                meta: Meta::new(),
+                request_id: t.request_id.clone(),
+                virtual_key_id: t.virtual_key.clone(),
+                scheduled_at: now
+                    + chrono::Duration::milliseconds(i64::try_from(tier_ms).unwrap_or(1000)),
+                interval_index: 0,
+                start_time: now,
+                sequence: 0,
+            };
+            let envelope = topology.delayed_check(tier_ms, &check);
+            async move { publisher.publish(&envelope).await }
+        });
+        for r in futures::future::join_all(publishes).await {
+            r.context("publishing a first check")?;
+        }
+        let next = started + tick * u32::try_from(i + 1).unwrap_or(u32::MAX);
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+    Ok(())
+}
+
+/// A broker handle and publisher on `prefix` (declares its topology).
+async fn publisher_for(
+    ctx: &Ctx,
+    prefix: &str,
+) -> anyhow::Result<(Arc<Broker>, Publisher, CancellationToken)> {
+    let mut settings = ctx.settings.clone();
+    settings.topology.prefix = prefix.to_owned();
+    settings.rabbitmq.connection_name = "video-orchestrator-bench seeder".to_owned();
+    let topology = Topology::from_settings(&settings);
+    let broker = Broker::connect(BrokerOptions::from_settings(&settings), topology)
+        .await
+        .context("connecting the seeder")?;
+    let stop = CancellationToken::new();
+    let publisher = Publisher::new(broker.clone(), stop.clone());
+    Ok((broker, publisher, stop))
+}
+
+/// Live chains of `tag` that did not run since `since`.
+async fn dead_chains(
+    ctx: &Ctx,
+    tag: &str,
+    since: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<u64> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM video_tasks
+         WHERE request_id LIKE $1 AND status = 'processing' AND NOT tracking_stopped
+           AND (last_check_at IS NULL OR last_check_at < $2)",
+    )
+    .bind(format!("{tag}-%"))
+    .bind(since)
+    .fetch_one(ctx.store.pool())
+    .await?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+/// Provider status calls beyond what each task's row recorded. A task the bench stopped may show
+/// one call more (the check read the row before the stop and could not advance it after).
+async fn double_processed(ctx: &Ctx, tag: &str) -> anyhow::Result<u64> {
+    let stats: serde_json::Value = ctx
+        .http
+        .get(format!("{}/sim/stats", ctx.sim_url))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let calls = stats["statusCallsByJob"]
+        .as_object()
+        .context("/sim/stats without statusCallsByJob")?;
+    let rows: Vec<(Option<String>, i64, bool)> = sqlx::query_as(
+        "SELECT provider_task_id, checks_count, tracking_stopped FROM video_tasks
+         WHERE request_id LIKE $1",
+    )
+    .bind(format!("{tag}-%"))
+    .fetch_all(ctx.store.pool())
+    .await?;
+    let mut extra = 0u64;
+    for (job, count, stopped) in rows {
+        let Some(job) = job else { continue };
+        let made = calls
+            .get(&job)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let allowed = u64::try_from(count).unwrap_or(0) + u64::from(stopped);
+        extra += made.saturating_sub(allowed);
+    }
+    Ok(extra)
+}
+
+/// Stops every chain of `tag` (as a terminal transition would), so later sweepers leave them.
+async fn retire(ctx: &Ctx, tag: &str) -> anyhow::Result<()> {
+    sqlx::query("UPDATE video_tasks SET tracking_stopped = true WHERE request_id LIKE $1")
+        .bind(format!("{tag}-%"))
+        .execute(ctx.store.pool())
+        .await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+/// What every phase shares.
+#[derive(Debug)]
+struct Ctx {
+    /// The bench's settings: the configuration with the run's database.
+    settings: Settings,
+    /// The configuration as loaded (maintenance database), for clean-up.
+    base_settings: Settings,
+    options: BenchOptions,
+    tenants: usize,
+    run_id: String,
+    exe: PathBuf,
+    workdir: PathBuf,
+    database: String,
+    store: Store,
+    http: reqwest::Client,
+    sim_url: String,
+    sim_pid: Option<u32>,
+    prefixes: Vec<String>,
+}
+
+fn say(msg: impl AsRef<str>) {
+    eprintln!("bench: {}", msg.as_ref());
+}
+
+fn database_url(settings: &Settings, name: &str) -> anyhow::Result<String> {
+    let mut url = url::Url::parse(settings.database.url.expose_secret())
+        .context("database.url is not a URL")?;
+    url.set_path(&format!("/{name}"));
+    Ok(url.to_string())
+}
+
+async fn create_database(settings: &Settings, name: &str) -> anyhow::Result<()> {
+    let opts = crate::store::connect_options(&settings.database)?;
+    let mut conn = sqlx::PgConnection::connect_with(&opts)
+        .await
+        .with_context(|| {
+            format!(
+                "PostgreSQL is not reachable at {} (start it, or set APP__DATABASE__URL)",
+                crate::app::describe_targets(settings).1
+            )
+        })?;
+    sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("creating the bench database {name}"))?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+async fn drop_database(settings: &Settings, name: &str) {
+    if let Ok(opts) = crate::store::connect_options(&settings.database) {
+        if let Ok(mut conn) = sqlx::PgConnection::connect_with(&opts).await {
+            let _ = sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
+                .execute(&mut conn)
+                .await;
+            let _ = conn.close().await;
+        }
+    }
+}
+
+async fn raw_connection(settings: &Settings, name: &str) -> anyhow::Result<Connection> {
+    let url = settings.rabbitmq.node_urls()[0].clone();
+    Connection::connect(
+        url.expose_secret(),
+        ConnectionProperties::default().with_connection_name(name.into()),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "RabbitMQ is not reachable at {} (start it, or set APP__RABBITMQ__URL)",
+            crate::app::describe_targets(settings).0
+        )
+    })
+}
+
+/// Runs every phase and returns the report. Cleans up its prefixes, database and child
+/// processes whatever happens.
+///
+/// # Errors
+/// When RabbitMQ or PostgreSQL is unreachable, a child process cannot start, or a phase fails.
+pub async fn run(settings: Settings, options: BenchOptions) -> anyhow::Result<BenchReport> {
+    let hex = uuid::Uuid::new_v4().simple().to_string();
+    let run_id = hex[..8].to_owned();
+    let database = format!("vo_bench_{}", &hex[..12]);
+    let workdir = std::env::temp_dir().join(format!("vo-bench-{run_id}"));
+    std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+    // Fail fast with the hint before creating anything.
+    let probe = raw_connection(&settings, "video-orchestrator-bench probe").await?;
+    let _ = probe.close(200, "probe".into()).await;
+    create_database(&settings, &database).await?;
+    let mut bench_settings = settings.clone();
+    bench_settings.database.url = SecretString::from(database_url(&settings, &database)?);
+    let store = match Store::connect(&bench_settings.database).await {
+        Ok(s) => s,
+        Err(e) => {
+            drop_database(&settings, &database).await;
+            return Err(e).context("connecting to the bench database");
+        }
+    };
+    let mut ctx = Ctx {
+        tenants: options.tenants.max(1),
+        settings: bench_settings,
+        base_settings: settings,
+        options,
+        run_id,
+        exe: std::env::current_exe().context("locating this executable")?,
+        workdir,
+        database,
+        store,
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(128)
+            .timeout(Duration::from_secs(60))
+            .build()?,
+        sim_url: String::new(),
+        sim_pid: None,
+        prefixes: Vec::new(),
+    };
+    say(format!(
+        "run {} — database {}, logs in {}",
+        ctx.run_id,
+        ctx.database,
+        ctx.workdir.display()
+    ));
+    let result = phases(&mut ctx).await;
+    cleanup(&ctx).await;
+    result
+}
+
+async fn cleanup(ctx: &Ctx) {
+    if let Ok(conn) = raw_connection(&ctx.settings, "video-orchestrator-bench cleanup").await {
+        for prefix in &ctx.prefixes {
+            let mut settings = ctx.settings.clone();
+            settings.topology.prefix = prefix.clone();
+            let _ = Topology::from_settings(&settings).delete(&conn).await;
+        }
+        let _ = conn.close(200, "bench over".into()).await;
+    }
+    ctx.store.pool().close().await;
+    drop_database(&ctx.base_settings, &ctx.database).await;
+}
+
+async fn phases(ctx: &mut Ctx) -> anyhow::Result<BenchReport> {
+    let started_at = chrono::Utc::now();
+    let started = Instant::now();
+    let machine_start = (loadavg(), concurrent_builds());
+    let run_cpu_before = CpuSnapshot::take(None, None);
+    if !machine_start.1.is_empty() {
+        say(format!(
+            "warning: {} build/test processes are running; figures will be skewed",
+            machine_start.1.len()
+        ));
+    }
+
+    // The simulated provider, out of process.
+    let sim_addr = free_port()?;
+    let mut sim = ChildProc::spawn(
+        "sim-provider",
+        &ctx.exe,
+        &[
+            "sim-provider",
+            "--listen",
+            &sim_addr.to_string(),
+            "--duration-ms",
+            "3600000",
+        ],
+        &[("RUST_LOG".to_owned(), "warn".to_owned())],
+        ctx.workdir.join("sim-provider.log"),
+    )?;
+    ctx.sim_url = format!("http://{sim_addr}");
+    ctx.sim_pid = Some(sim.pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = sim.exited() {
+            bail!(
+                "the simulated provider exited ({status}):\n{}",
+                sim.log_tail()
+            );
+        }
+        let up = ctx
+            .http
+            .get(format!("{}/sim/stats", ctx.sim_url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if up {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the simulated provider did not answer within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    say(format!(
+        "simulated provider pid {} on {}",
+        sim.pid, ctx.sim_url
+    ));
+
+    let result = measure_all(ctx, started_at, started, machine_start, run_cpu_before).await;
+    sim.stop(Duration::from_secs(10)).await;
+    result
+}
+
+async fn measure_all(
+    ctx: &mut Ctx,
+    started_at: chrono::DateTime<chrono::Utc>,
+    started: Instant,
+    machine_start: (String, Vec<String>),
+    run_cpu_before: CpuSnapshot,
+) -> anyhow::Result<BenchReport> {
+    let opts = ctx.options.clone();
+    let tracking = ctx.settings.tracking.clone();
+    let shortest = tracking.delay_tiers_ms[0];
+
+    // Jobs for the throughput phases, created first so they are past their queued tenth (and
+    // report moving progress) by the time the service runs. They outlive the run.
+    let job_secs: u64 = if opts.quick { 300 } else { 900 };
+    let pool_size = if opts.quick { 6000 } else { 12000 };
+    say(format!(
+        "creating {pool_size} simulated jobs of {job_secs} s"
+    ));
+    let mut job_pool = create_jobs(ctx, pool_size, job_secs * 1000).await?;
+
+    // 1. Baseline.
+    let conn = raw_connection(&ctx.settings, "video-orchestrator-bench baseline").await?;
+    let mut settings = ctx.settings.clone();
+    settings.topology.prefix = format!("bench-{}-raw.", ctx.run_id);
+    ctx.prefixes.push(settings.topology.prefix.clone());
+    let raw_topology = Topology::from_settings(&settings);
+    let mut raw = RawLoop::start(
+        &conn,
+        &raw_topology,
+        HopTarget::Tier(shortest),
+        tracking.prefetch,
+        tracking.concurrency,
+        ctx.tenants,
+    )
+    .await?;
+    let mut steps = Vec::new();
+    let mut population = if opts.quick { 3000 } else { 4000 };
+    let mut added = 0;
+    for step in 0..if opts.quick { 1 } else { MAX_RAMP_STEPS } {
+        raw.add(population - added, Duration::from_millis(shortest))
+            .await?;
+        added = population;
+        let w = raw.measure(opts.warmup, opts.duration, ctx.sim_pid).await;
+        say(format!(
+            "baseline step {}: {} messages → {:.0} hops/s, lag p50 {:.1} ms p99 {:.1} ms, steal {:.1} %, other {:.1} s CPU",
+            step + 1,
+            w.population,
+            w.hops_per_sec,
+            w.lag_ms.p50,
+            w.lag_ms.p99,
+            w.cpu.steal_pct,
+            w.cpu.other_cpu_secs
+        ));
+        let bound =
+            w.hops_per_sec >= POPULATION_BOUND * population as f64 * 1000.0 / shortest as f64;
+        steps.push(w);
+        if !bound {
+            break;
+        }
+        population *= 2;
+    }
+    raw.shutdown().await;
+    let baseline = steps
+        .iter()
+        .max_by(|a, b| a.hops_per_sec.total_cmp(&b.hops_per_sec))
+        .cloned()
+        .context("no baseline step")?;
+
+    settings.topology.prefix = format!("bench-{}-direct.", ctx.run_id);
+    ctx.prefixes.push(settings.topology.prefix.clone());
+    let direct_topology = Topology::from_settings(&settings);
+    let mut direct = RawLoop::start(
+        &conn,
+        &direct_topology,
+        HopTarget::Direct,
+        tracking.prefetch,
+        tracking.concurrency,
+        ctx.tenants,
+    )
+    .await?;
+    direct
+        .add(tracking.concurrency * 4, Duration::from_millis(20))
+        .await?;
+    let direct_window = direct
+        .measure(opts.warmup / 2, opts.duration / 2, ctx.sim_pid)
+        .await;
+    direct.shutdown().await;
+    let _ = conn.close(200, "baseline over".into()).await;
+    say(format!(
+        "direct hop: {:.0} hops/s",
+        direct_window.hops_per_sec
+    ));
+
+    // 2. The service at saturation, then at half of it.
+    let tag = "thr";
+    let prefix = format!("bench-{}-svc.", ctx.run_id);
+    ctx.prefixes.push(prefix.clone());
+    let service = ServiceProc::start(ctx, &prefix, shortest, "throughput").await?;
+    say(format!(
+        "service pid {} (throughput, {} ms interval) on {}",
+        service.pid(),
+        shortest,
+        service.http
+    ));
+    let (_broker, publisher, publisher_stop) = publisher_for(ctx, &prefix).await?;
+    let topology = {
+        let mut s = ctx.settings.clone();
+        s.topology.prefix = prefix.clone();
+        Topology::from_settings(&s)
+    };
+    let mut tasks: Vec<Seeded> = Vec::new();
+    let mut target = ((baseline.hops_per_sec * 1.5) as usize).max(1000);
+    let mut saturation_steps = Vec::new();
+    for step in 0..if opts.quick { 1 } else { MAX_RAMP_STEPS } {
+        let n = target - tasks.len();
+        let mut jobs: Vec<String> = job_pool.drain(..n.min(job_pool.len())).collect();
+        if jobs.len() < n {
+            jobs.extend(create_jobs(ctx, n - jobs.len(), job_secs * 1000).await?);
+        }
+        let pace = Duration::from_millis(shortest);
+        let offsets = first_check_offsets(n, pace, shortest);
+        let new = insert_tasks(ctx, tag, tasks.len(), &jobs, &offsets).await?;
+        publish_first_checks(&publisher, &topology, &new, shortest, pace).await?;
+        tasks.extend(new);
+        tokio::time::sleep(opts.warmup).await;
+        let w = service
+            .measure(ctx, opts.duration, tasks.len(), shortest)
+            .await?;
+        say(format!(
+            "service step {}: {} tasks → {:.0} checks/s (ratio {:.2}), lag p50 {:.1} ms p99 {:.1} ms, {:.3} CPU s/1k checks, steal {:.1} %, other {:.1} s CPU",
+            step + 1,
+            w.tracked_tasks,
+            w.checks_per_sec,
+            w.checks_per_sec / baseline.hops_per_sec.max(1.0),
+            w.lag_ms.p50,
+            w.lag_ms.p99,
+            w.cpu_seconds_per_1000_checks,
+            w.cpu.steal_pct,
+            w.cpu.other_cpu_secs
+        ));
+        let bound =
+            w.checks_per_sec >= POPULATION_BOUND * tasks.len() as f64 * 1000.0 / shortest as f64;
+        saturation_steps.push(w);
+        if !bound {
+            break;
+        }
+        target = tasks.len() * 2;
+    }
+    let saturated = saturation_steps
+        .iter()
+        .max_by(|a, b| a.checks_per_sec.total_cmp(&b.checks_per_sec))
+        .cloned()
+        .context("no saturation step")?;
+
+    // Half of the saturated rate: keep every k-th chain, stop the others.
+    let keep = ((saturated.checks_per_sec / 2.0 * shortest as f64 / 1000.0).round() as usize)
+        .clamp(1, tasks.len());
+    let stride = tasks.len() as f64 / keep as f64;
+    let kept: std::collections::HashSet<usize> =
+        (0..keep).map(|i| (i as f64 * stride) as usize).collect();
+    let stop_ids: Vec<String> = tasks
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !kept.contains(i))
+        .map(|(_, t)| t.request_id.clone())
+        .collect();
+    sqlx::query("UPDATE video_tasks SET tracking_stopped = true WHERE request_id = ANY($1)")
+        .bind(&stop_ids)
+        .execute(ctx.store.pool())
+        .await?;
+    // Stopped chains die on their next arrival; the backlog of saturation drains.
+    tokio::time::sleep(opts.warmup + Duration::from_secs(3)).await;
+    let window_start = chrono::Utc::now();
+    let half = service.measure(ctx, opts.duration, keep, shortest).await?;
+    say(format!(
+        "service at half rate: {} tasks → {:.0} checks/s, lag p50 {:.1} ms p99 {:.1} ms max ≤ {:.0} ms, {:.3} CPU s/1k checks, steal {:.1} %",
+        keep,
+        half.checks_per_sec,
+        half.lag_ms.p50,
+        half.lag_ms.p99,
+        half.lag_ms.max,
+        half.cpu_seconds_per_1000_checks,
+        half.cpu.steal_pct
+    ));
+    let throughput_integrity = finish_service(ctx, service, tag, tasks.len(), window_start).await?;
+    publisher_stop.cancel();
+    drop(publisher);
+
+    // 3. Memory at each task count, one fresh service process each.
+    let budget = (saturated.checks_per_sec * 0.7).max(100.0);
+    let mut memory = Vec::new();
+    for &n in &opts.tasks_list {
+        let interval = memory_interval_ms(n, budget, &tracking.delay_tiers_ms);
+        let tag = format!("m{n}");
+        let prefix = format!("bench-{}-m{n}.", ctx.run_id);
+        ctx.prefixes.push(prefix.clone());
+        say(format!(
+            "memory: {n} tasks at {interval} ms — creating jobs"
+        ));
+        let jobs = create_jobs(ctx, n, 3_600_000).await?;
+        let service = ServiceProc::start(ctx, &prefix, interval, &tag).await?;
+        say(format!("service pid {} ({n} tasks)", service.pid()));
+        let (_broker, publisher, publisher_stop) = publisher_for(ctx, &prefix).await?;
+        let topology = {
+            let mut s = ctx.settings.clone();
+            s.topology.prefix = prefix.clone();
+            Topology::from_settings(&s)
+        };
+        // First checks through the shortest tier, spread over one interval: a steady rate.
+        let pace = Duration::from_millis(interval);
+        let offsets = first_check_offsets(n, pace, shortest);
+        let seeded = insert_tasks(ctx, &tag, 0, &jobs, &offsets).await?;
+        publish_first_checks(&publisher, &topology, &seeded, shortest, pace).await?;
+        tokio::time::sleep(opts.warmup).await;
+        let window = opts.duration.max(pace + Duration::from_secs(15));
+        let window_start = chrono::Utc::now();
+        let w = service.measure(ctx, window, n, interval).await?;
+        let hwm = service.hwm_mb();
+        say(format!(
+            "memory: {n} tasks → RSS {:.1} MB (mean {:.1}, peak since start {:.1}), {:.0} checks/s, lag p99 {:.1} ms",
+            w.service_rss_mb, w.service_rss_mean_mb, hwm, w.checks_per_sec, w.lag_ms.p99
+        ));
+        let integrity = finish_service(ctx, service, &tag, n, window_start).await?;
+        publisher_stop.cancel();
+        memory.push(MemoryPoint {
+            tracked_tasks: n,
+            service_rss_hwm_mb: hwm,
+            window: w,
+            integrity,
+        });
+    }
+
+    let run_cpu = CpuSnapshot::take(None, None).since(&run_cpu_before);
+    let all_integrity: Vec<&Integrity> = std::iter::once(&throughput_integrity)
+        .chain(memory.iter().map(|m| &m.integrity))
+        .collect();
+    let lost_checks: u64 = all_integrity
+        .iter()
+        .map(|i| i.dead_chains + i.rearmed)
+        .sum();
+    let duplicate_checks: u64 = all_integrity
+        .iter()
+        .map(|i| i.stale + i.double_processed)
+        .sum();
+    let ratio = round2(saturated.checks_per_sec / baseline.hops_per_sec.max(1.0) * 100.0) / 100.0;
+    let ratio = (ratio * 100.0).round() / 100.0;
+    let rss: Vec<f64> = memory.iter().map(|m| m.window.service_rss_mb).collect();
+    let rss_min = rss.iter().copied().fold(f64::INFINITY, f64::min);
+    let rss_max = rss.iter().copied().fold(0.0, f64::max);
+    let targets = Targets {
+        ratio_at_least_0_6: ratio >= 0.6,
+        lag_p99_at_most_50ms: half.lag_ms.p99 <= 50.0,
+        rss_flat_within_20pct: !rss.is_empty() && rss_max <= rss_min * 1.2,
+        rss_under_100mb: !rss.is_empty() && rss_max < 100.0,
+        no_lost_or_duplicate_checks: lost_checks == 0 && duplicate_checks == 0,
+    };
+    Ok(BenchReport {
+        version: 1,
+        started_at: crate::messages::rfc3339(started_at),
+        elapsed_secs: round2(started.elapsed().as_secs_f64()),
+        baseline_hops_per_sec: baseline.hops_per_sec,
+        direct_hops_per_sec: direct_window.hops_per_sec,
+        checks_per_sec: saturated.checks_per_sec,
+        ratio,
+        lag_ms: half.lag_ms.clone(),
+        half_rate_checks_per_sec: half.checks_per_sec,
+        tracked_tasks: memory.iter().map(|m| m.tracked_tasks).collect(),
+        service_rss_mb: rss,
+        lost_checks,
+        duplicate_checks,
+        cpu_seconds_per_1000_checks: saturated.cpu_seconds_per_1000_checks,
+        cpu_seconds_per_1000_checks_half_rate: half.cpu_seconds_per_1000_checks,
+        baseline_cpu_seconds_per_1000_hops: baseline.client_cpu_seconds_per_1000_hops,
+        steal_pct: run_cpu.steal_pct,
+        targets,
+        machine: MachineInfo {
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            loadavg_start: machine_start.0,
+            loadavg_end: loadavg(),
+            concurrent_builds_start: machine_start.1,
+            concurrent_builds_end: concurrent_builds(),
+            steal_pct: run_cpu.steal_pct,
+            other_cpu_pct: if run_cpu.wall_secs > 0.0 {
+                let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+                round2(run_cpu.other_cpu_secs / (run_cpu.wall_secs * cpus) * 100.0)
+            } else {
+                0.0
+            },
+        },
+        config: RunConfig {
+            partitions: ctx.settings.topology.partitions,
+            prefetch: tracking.prefetch,
+            concurrency: tracking.concurrency,
+            per_key_concurrency: tracking.per_key_concurrency,
+            delay_tiers_ms: tracking.delay_tiers_ms.clone(),
+            tenants: ctx.tenants,
+            warmup_secs: opts.warmup.as_secs_f64(),
+            duration_secs: opts.duration.as_secs_f64(),
+            quick: opts.quick,
+            throughput_job_duration_secs: job_secs,
+        },
+        baseline_steps: steps,
+        direct: direct_window,
+        saturation_steps,
+        half_rate: half,
+        throughput_integrity,
+        memory,
+    })
+}
+
+/// Counts dead chains, reads the service's counters, stops it (SIGTERM: in-flight checks finish),
+/// compares provider calls with the rows, and retires the tasks.
+async fn finish_service(
+    ctx: &Ctx,
+    service: ServiceProc,
+    tag: &str,
+    tasks: usize,
+    window_start: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<Integrity> {
+    let dead = dead_chains(ctx, tag, window_start).await?;
+    let (rearmed, stale, errors, republished) = service.counters(ctx).await?;
+    let prefix = service.prefix.clone();
+    service.proc.stop(Duration::from_secs(45)).await;
+    let double = double_processed(ctx, tag).await?;
+    retire(ctx, tag).await?;
+    let integrity = Integrity {
+        tasks,
+        dead_chains: dead,
+        rearmed,
+        stale,
+        double_processed: double,
+        errors,
+        republished,
+    };
+    say(format!(
+        "{prefix}: {} tasks, {} dead chains, {} re-armed, {} stale, {} double-processed, {} errors",
+        tasks, dead, rearmed, stale, double, errors
+    ));
+    Ok(integrity)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+/// The report as text for people.
+pub fn render_human(r: &BenchReport) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let yes = |b: bool| if b { "yes" } else { "NO" };
+    let _ = writeln!(
+        s,
+        "video-orchestrator bench — {} ({:.0} s)",
+        r.started_at, r.elapsed_secs
+    );
+    let _ = writeln!(
+        s,
+        "machine: {} cores, load {} → {}, steal {:.1} %, other processes {:.1} % of the host{}",
+        r.machine.cpus,
+        r.machine.loadavg_start,
+        r.machine.loadavg_end,
+        r.machine.steal_pct,
+        r.machine.other_cpu_pct,
+        if r.machine.concurrent_builds_start.is_empty()
+            && r.machine.concurrent_builds_end.is_empty()
+        {
+            ", no concurrent builds".to_owned()
+        } else {
+            format!(
+                ", concurrent builds/tests: {} at start, {} at end",
+                r.machine.concurrent_builds_start.len(),
+                r.machine.concurrent_builds_end.len()
+            )
+        }
+    );
+    let _ = writeln!(
+        s,
+        "config: {} partitions, prefetch {}, concurrency {}, tiers {:?} ms, {} tenants{}",
+        r.config.partitions,
+        r.config.prefetch,
+        r.config.concurrency,
+        r.config.delay_tiers_ms,
+        r.config.tenants,
+        if r.config.quick { ", QUICK run" } else { "" }
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "baseline (raw lapin, 1 hop = consume → confirmed publish into the shortest tier → ack)"
+    );
+    for w in &r.baseline_steps {
+        let _ = writeln!(
+            s,
+            "  {:>6} msgs  {:>7.0} hops/s  lag p50 {:>6.1} p99 {:>7.1} max {:>7.1} ms  client {:.3} / broker {:.3} CPU s per 1k  steal {:.1} %",
+            w.population,
+            w.hops_per_sec,
+            w.lag_ms.p50,
+            w.lag_ms.p99,
+            w.lag_ms.max,
+            w.client_cpu_seconds_per_1000_hops,
+            w.broker_cpu_seconds_per_1000_hops,
+            w.cpu.steal_pct
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  baseline_hops_per_sec {:.0}; direct hop (no delay) {:.0} hops/s",
+        r.baseline_hops_per_sec, r.direct_hops_per_sec
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "service (store, provider status, progress event, next check; 1 s interval)"
+    );
+    let row = |s: &mut String, label: &str, w: &ServiceWindow| {
+        let _ = writeln!(
+            s,
+            "  {label:<11} {:>6} tasks  {:>7.0} checks/s  lag p50 {:>6.1} p99 {:>7.1} max ≤{:>7.1} ms  service {:.3} / broker {:.3} / pg {:.3} CPU s per 1k  events/check {:.2}  steal {:.1} %",
+            w.tracked_tasks,
+            w.checks_per_sec,
+            w.lag_ms.p50,
+            w.lag_ms.p99,
+            w.lag_ms.max,
+            w.cpu_seconds_per_1000_checks,
+            w.broker_cpu_seconds_per_1000_checks,
+            w.postgres_cpu_seconds_per_1000_checks,
+            w.progress_events_per_check,
+            w.cpu.steal_pct
+        );
+    };
+    for w in &r.saturation_steps {
+        row(&mut s, "saturation", w);
+    }
+    row(&mut s, "half rate", &r.half_rate);
+    let _ = writeln!(
+        s,
+        "  checks_per_sec {:.0}, ratio {:.2} (target ≥ 0.6: {}), lag p99 at half rate {:.1} ms (target ≤ 50: {})",
+        r.checks_per_sec,
+        r.ratio,
+        yes(r.targets.ratio_at_least_0_6),
+        r.lag_ms.p99,
+        yes(r.targets.lag_p99_at_most_50ms)
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(s, "memory (service process only; simulator out of process)");
+    for m in &r.memory {
+        let _ = writeln!(
+            s,
+            "  {:>7} tasks at {:>5} ms  RSS {:>6.1} MB (mean {:.1}, peak since start {:.1})  {:>6.0} checks/s  lag p99 {:.1} ms",
+            m.tracked_tasks,
+            m.window.interval_ms,
+            m.window.service_rss_mb,
+            m.window.service_rss_mean_mb,
+            m.service_rss_hwm_mb,
+            m.window.checks_per_sec,
+            m.window.lag_ms.p99
+        );
+    }
+    let _ = writeln!(
+        s,
+        "  flat within 20 %: {}, under 100 MB: {}",
+        yes(r.targets.rss_flat_within_20pct),
+        yes(r.targets.rss_under_100mb)
+    );
+    let _ = writeln!(s);
+    let _ = writeln!(
+        s,
+        "integrity: lost_checks {}, duplicate_checks {} (target 0/0: {})",
+        r.lost_checks,
+        r.duplicate_checks,
+        yes(r.targets.no_lost_or_duplicate_checks)
+    );
+    let _ = writeln!(
+        s,
+        "cpu: {:.3} service CPU s per 1,000 checks at saturation, {:.3} at half rate; raw client {:.3} per 1,000 hops",
+        r.cpu_seconds_per_1000_checks,
+        r.cpu_seconds_per_1000_checks_half_rate,
+        r.baseline_cpu_seconds_per_1000_hops
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 50.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&[], 0.5), 0.0);
+        assert_eq!(percentile(&[7.0], 0.99), 7.0);
+    }
+
+    #[test]
+    fn lag_from_samples_sorts_first() {
+        let lag = lag_from_samples(vec![5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!(lag.p50, 3.0);
+        assert_eq!(lag.max, 5.0);
+        assert_eq!(lag.samples, 5);
+    }
+
+    #[test]
+    fn histogram_quantile_interpolates_inside_buckets() {
+        // 100 observations: 50 in (0, 0.01], 40 in (0.01, 0.05], 10 in (0.05, 0.1].
+        let b = [
+            (0.01, 50.0),
+            (0.05, 90.0),
+            (0.1, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert!((histogram_quantile(&b, 0.5) - 0.01).abs() < 1e-9);
+        assert!((histogram_quantile(&b, 0.7) - 0.03).abs() < 1e-9);
+        assert!((histogram_quantile(&b, 0.99) - 0.095).abs() < 1e-9);
+        assert_eq!(histogram_max(&b), 0.1);
+        assert_eq!(histogram_quantile(&[], 0.5), 0.0);
+        assert_eq!(
+            histogram_quantile(&[(0.1, 0.0), (f64::INFINITY, 0.0)], 0.5),
+            0.0
+        );
+    }
+
+    #[test]
+    fn histogram_overflow_answers_the_highest_finite_bound() {
+        let b = [(0.01, 1.0), (30.0, 1.0), (f64::INFINITY, 3.0)];
+        assert_eq!(histogram_quantile(&b, 0.99), 30.0);
+        assert_eq!(histogram_max(&b), 30.0);
+    }
+
+    #[test]
+    fn scrape_parses_counters_and_histograms() {
+        let text = r#"
+# TYPE video_progress_checks_total counter
+video_progress_checks_total{outcome="unchanged"} 10
+video_progress_checks_total{outcome="progressed"} 5
+video_progress_owned_partitions 16
+video_progress_scheduling_lag_seconds_bucket{le="0.005"} 3
+video_progress_scheduling_lag_seconds_bucket{le="+Inf"} 4
+video_progress_scheduling_lag_seconds_bucket{le="0.05"} 4
+"#;
+        let s = Scrape::parse(text);
+        assert_eq!(s.sum("video_progress_checks_total", &[]), 15.0);
+        assert_eq!(
+            s.sum("video_progress_checks_total", &[("outcome", "progressed")]),
+            5.0
+        );
+        assert_eq!(s.sum("video_progress_owned_partitions", &[]), 16.0);
+        let b = s.buckets("video_progress_scheduling_lag_seconds");
+        assert_eq!(b, vec![(0.005, 3.0), (0.05, 4.0), (f64::INFINITY, 4.0)]);
+        let d = histogram_delta(&[(0.005, 1.0), (0.05, 1.0), (f64::INFINITY, 1.0)], &b);
+        assert_eq!(d, vec![(0.005, 2.0), (0.05, 3.0), (f64::INFINITY, 3.0)]);
+        assert_eq!(
+            parse_labels(r#"provider="sim",operation="status""#),
+            vec![
+                ("provider".to_owned(), "sim".to_owned()),
+                ("operation".to_owned(), "status".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn memory_intervals_keep_the_rate_under_budget() {
+        let tiers = [1000, 2000, 5000, 10000, 30000, 60000];
+        assert_eq!(memory_interval_ms(1000, 1750.0, &tiers), 1000);
+        assert_eq!(memory_interval_ms(10000, 1750.0, &tiers), 10000);
+        assert_eq!(memory_interval_ms(100000, 1750.0, &tiers), 60000);
+        assert_eq!(memory_interval_ms(1_000_000, 1750.0, &tiers), 60000);
+    }
+
+    #[test]
+    fn proc_stat_counts_steal_apart() {
+        let h = parse_proc_stat("cpu  100 5 50 1000 10 1 2 7 0 0\ncpu0 1 2 3\n");
+        assert_eq!(h.busy, 158);
+        assert_eq!(h.steal, 7);
+        assert_eq!(h.total, 158 + 1010 + 7);
+    }
+
+    #[test]
+    fn first_checks_are_spread_over_the_pace() {
+        let o = first_check_offsets(4, Duration::from_secs(2), 1000);
+        assert_eq!(o, vec![1.0, 1.5, 2.0, 2.5]);
+    }
+
+    /// A short end-to-end run against the local RabbitMQ and PostgreSQL (`cargo test -- --ignored
+    /// quick_bench`); needs the built binary, so it runs `cargo run -- bench --quick` instead of
+    /// this test binary (which cannot serve).
+    #[tokio::test]
+    #[ignore = "needs RabbitMQ, PostgreSQL and minutes of an idle machine"]
+    async fn quick_bench_runs_end_to_end() {
+        let status = tokio::process::Command::new(env!("CARGO"))
+            .args(["run", "--release", "--", "bench", "--quick", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .output()
+            .await
+            .expect("cargo runs");
+        assert!(status.status.success(), "bench failed");
+        let report: serde_json::Value =
+            serde_json::from_slice(&status.stdout).expect("one JSON object");
+        for field in [
+            "baseline_hops_per_sec",
+            "checks_per_sec",
+            "ratio",
+            "lag_ms",
+            "tracked_tasks",
+            "service_rss_mb",
+            "lost_checks",
+            "duplicate_checks",
+            "cpu_seconds_per_1000_checks",
+        ] {
+            assert!(report.get(field).is_some(), "missing {field}");
+        }
+    }
+}

@@ -1,0 +1,396 @@
+//! What an operator relies on: parked messages, graceful shutdown, log hygiene, the task API,
+//! the client commands.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use secrecy::ExposeSecret;
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+use video_orchestrator::client::{new_request, Client};
+use video_orchestrator::providers::sim::{SimProvider, SimSettings};
+use video_orchestrator::store::TaskStatus;
+
+use crate::helpers::TestEnv;
+use crate::service::{env_with, eventually, fast_vars, start_sim, Instance};
+
+const BIN: &str = env!("CARGO_BIN_EXE_video-orchestrator");
+
+fn child_env(env: &TestEnv, sim_vars: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut vars = sim_vars;
+    vars.push(("APP__TOPOLOGY__PREFIX".into(), env.prefix.clone()));
+    vars.push((
+        "APP__DATABASE__URL".into(),
+        env.settings.database.url.expose_secret().to_owned(),
+    ));
+    vars.push(("APP__RABBITMQ__URL".into(), env.rabbitmq_url().to_owned()));
+    vars
+}
+
+#[tokio::test]
+async fn poison_is_recorded_and_can_be_requeued_from_the_command_line() {
+    let sim = start_sim(1000).await;
+    let env = env_with(&sim, &[]).await;
+    let service = Instance::start_all(&env.settings).await;
+    let topology = env.topology();
+    env.publish_raw(
+        &topology.events_exchange(),
+        "video.generation.requested",
+        b"{\"this is\": not json",
+        BasicProperties::default().with_type("VideoGenerationRequested".into()),
+    )
+    .await;
+    let parked = eventually(Duration::from_secs(15), || async {
+        let list = env.store.list_parked(10).await.ok()?;
+        (!list.is_empty()).then_some(list)
+    })
+    .await
+    .expect("the poison message is recorded in parked_messages");
+    assert_eq!(parked.len(), 1);
+    let first = &parked[0];
+    assert!(first.reason.contains("JSON"), "reason: {}", first.reason);
+    assert_eq!(first.original_queue, topology.generation_queue());
+    assert_eq!(first.body, b"{\"this is\": not json");
+
+    let listing = tokio::process::Command::new(BIN)
+        .args(["parked", "--json"])
+        .envs(child_env(&env, fast_vars(&sim)))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        listing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
+    assert_eq!(json[0]["id"], first.id);
+
+    let requeue = tokio::process::Command::new(BIN)
+        .args(["parked", "--requeue", &first.id.to_string()])
+        .envs(child_env(&env, fast_vars(&sim)))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        requeue.status.success(),
+        "{}",
+        String::from_utf8_lossy(&requeue.stderr)
+    );
+    // Republished to where it was going, it is still poison: parked a second time.
+    let again = eventually(Duration::from_secs(15), || async {
+        let list = env.store.list_parked(10).await.ok()?;
+        (list.len() == 2).then_some(list)
+    })
+    .await
+    .expect("the requeued message came back through its queue");
+    assert!(again
+        .iter()
+        .any(|p| p.id == first.id && p.requeued_at.is_some()));
+    assert_eq!(env.queue_depth(&topology.parking_queue()).await, 2);
+    service.stop().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_task_endpoint_answers_only_the_owning_virtual_key() {
+    let sim = start_sim(500).await;
+    let env = env_with(&sim, &[]).await;
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+    let stop = CancellationToken::new();
+    let client = Client::new(env.broker().await, stop.clone());
+    let request = new_request("vk-owner", "sora-2", "a fox");
+    let id = client.submit(&request).await.unwrap();
+    events
+        .wait_for(
+            |e| e.is("video.generation.completed", &id),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("completed");
+    let url = format!("http://{}/v1/tasks/{id}", service.http);
+    let http = reqwest::Client::new();
+    let owner = http
+        .get(&url)
+        .header("X-Virtual-Key", "vk-owner")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(owner.status(), 200);
+    let body: serde_json::Value = owner.json().await.unwrap();
+    for field in [
+        "requestId",
+        "virtualKeyId",
+        "status",
+        "progress",
+        "videoUrl",
+        "error",
+    ] {
+        assert!(body.get(field).is_some(), "missing {field} in {body}");
+    }
+    assert_eq!(body["status"], "completed");
+    assert_eq!(body["progress"], 100);
+    let other = http
+        .get(&url)
+        .header("X-Virtual-Key", "vk-other")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    let none = http.get(&url).send().await.unwrap();
+    assert_eq!(none.status(), 404);
+
+    let metrics = http
+        .get(format!("http://{}/metrics", service.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "video_progress_checks_total",
+        "video_progress_scheduling_lag_seconds_bucket",
+        "video_progress_owned_partitions",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}");
+    }
+    stop.cancel();
+    service.stop().await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn submit_wait_exits_with_the_outcome_code() {
+    let sim = start_sim(800).await;
+    let env = env_with(&sim, &[]).await;
+    let service = Instance::start_all(&env.settings).await;
+    let run = |prompt: &'static str| {
+        let vars = child_env(&env, fast_vars(&sim));
+        async move {
+            tokio::process::Command::new(BIN)
+                .args([
+                    "submit",
+                    "--virtual-key",
+                    "vk-cli",
+                    "--model",
+                    "sora-2",
+                    "--prompt",
+                    prompt,
+                    "--wait",
+                ])
+                .envs(vars)
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let ok = run("a calm sea").await;
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let id = String::from_utf8_lossy(&ok.stdout).trim().to_owned();
+    assert!(id.starts_with("req-"), "prints the requestId: {id}");
+    let task = env.store.get(&id).await.unwrap().expect("task");
+    assert_eq!(task.status, TaskStatus::Completed);
+    let failed = run("a stormy sea [fail]").await;
+    assert_eq!(failed.status.code(), Some(3));
+
+    let status = tokio::process::Command::new(BIN)
+        .args(["status", &id, "--json"])
+        .envs(child_env(&env, fast_vars(&sim)))
+        .output()
+        .await
+        .unwrap();
+    assert!(status.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["requestId"], id.as_str());
+    assert_eq!(json["status"], "completed");
+    service.stop().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_load_drains_and_loses_nothing() {
+    let sim = start_sim(1500).await;
+    let env = env_with(&sim, &[]).await;
+    let events = env.events().await;
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("serve")
+        .envs(child_env(&env, fast_vars(&sim)))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stop = CancellationToken::new();
+    let client = Client::new(env.broker().await, stop.clone());
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let request = new_request(&format!("vk-{}", i % 4), "sora-2", "drain me");
+        ids.push(client.submit(&request).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let pid = child.id().expect("pid").to_string();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the service exits within its grace period")
+        .unwrap();
+    assert!(exit.success(), "SIGTERM must end in exit 0, got {exit}");
+
+    // Every request was either taken (a row exists) or is back in its queue.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM video_tasks")
+        .fetch_one(env.store.pool())
+        .await
+        .unwrap();
+    let queued = env.queue_depth(&env.topology().generation_queue()).await;
+    assert!(
+        rows as u32 + queued >= 40,
+        "{rows} rows + {queued} queued < 40 submitted: a message was lost on shutdown"
+    );
+
+    // A new instance finishes everything, once.
+    let service = Instance::start_all(&env.settings).await;
+    for id in &ids {
+        let terminal = events
+            .wait_for(
+                |e| {
+                    e.request_id() == Some(id.as_str())
+                        && e.routing_key == "video.generation.completed"
+                },
+                Duration::from_secs(60),
+            )
+            .await;
+        assert!(terminal.is_some(), "{id} never completed after the restart");
+    }
+    for id in &ids {
+        let mut completed: Vec<String> = events
+            .all()
+            .iter()
+            .filter(|e| e.is("video.generation.completed", id))
+            .map(|e| e.body["messageId"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        completed.sort();
+        completed.dedup();
+        assert_eq!(
+            completed.len(),
+            1,
+            "{id} completed {} times",
+            completed.len()
+        );
+    }
+    stop.cancel();
+    service.stop().await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn logs_are_json_with_message_context_and_never_show_secrets() {
+    const API_KEY: &str = "sk-test-SECRET-4242";
+    let sim = SimProvider::start(
+        "127.0.0.1:0".parse().unwrap(),
+        SimSettings {
+            duration_ms: 800,
+            api_key: Some(API_KEY.to_owned()),
+            ..SimSettings::default()
+        },
+    )
+    .await
+    .unwrap();
+    let env = env_with(&sim, &[]).await;
+    let events = env.events().await;
+    let mut vars = child_env(&env, fast_vars(&sim));
+    vars.push(("APP__PROVIDERS__SIM__API_KEY".into(), API_KEY.into()));
+    vars.push(("APP__LOG__FORMAT".into(), "json".into()));
+    let mut child = tokio::process::Command::new(BIN)
+        .arg("serve")
+        .envs(vars)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = tokio::spawn(async move {
+        let mut all = Vec::new();
+        let _ = stderr.read_to_end(&mut all).await;
+        all
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stop = CancellationToken::new();
+    let client = Client::new(env.broker().await, stop.clone());
+    let id = client
+        .submit(&new_request("vk-logs", "sora-2", "quiet please"))
+        .await
+        .unwrap();
+    events
+        .wait_for(
+            |e| e.is("video.generation.completed", &id),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("the task completes with the real key");
+    let pid = child.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(reader.await.unwrap()).unwrap();
+
+    assert!(
+        !text.contains(API_KEY),
+        "the provider API key appears in the logs"
+    );
+    assert!(
+        !text.contains(":guest@"),
+        "the broker password appears in the logs"
+    );
+    let mut handler_lines = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        let spans = value
+            .get("spans")
+            .and_then(|s| s.as_array())
+            .cloned()
+            .unwrap_or_default();
+        if let Some(message_span) = spans.iter().find(|s| s["name"] == "message") {
+            handler_lines += 1;
+            for field in ["request_id", "virtual_key", "message_id", "message_type"] {
+                assert!(
+                    message_span.get(field).is_some(),
+                    "{field} missing in {line}"
+                );
+            }
+        }
+    }
+    assert!(handler_lines > 0, "no log line came from a message handler");
+    stop.cancel();
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}

@@ -1,0 +1,102 @@
+//! Fault 1: `kill -9` of a random instance every few seconds during a load, restarting it each
+//! time. Nothing may be lost, no chain may fork or die, nothing may be reported twice.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::harness::{
+    assert_clean, figure, note, one_at_a_time, submit_load, Cluster, Expectation, FaultWindow,
+    Options,
+};
+
+async fn kill9_run(run: &'static str, tasks: usize, per_second: f64) {
+    let _serial = one_at_a_time().await;
+    let mut cluster = Cluster::start(Options {
+        name: run,
+        instances: 3,
+        sim_duration_ms: 2000,
+        sim_jitter_ms: 2000,
+        extra: vec![],
+    })
+    .await;
+    let driver = cluster.driver().await;
+    let load = tokio::spawn(submit_load(
+        driver.client.clone(),
+        run,
+        tasks,
+        per_second,
+        10,
+    ));
+
+    // Kill a random instance every 2–4 s while the load arrives and twice more after it, so
+    // the kills also land on tasks being tracked and finished.
+    let mut faults: Vec<FaultWindow> = Vec::new();
+    let mut after_load = 0;
+    while after_load < 2 {
+        let pause = rand::rng().random_range(2000..4000);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let slot = rand::rng().random_range(0..cluster.slots.len());
+        let from = cluster.kill9(slot).await;
+        let to = cluster.restart(slot).await;
+        faults.push(FaultWindow { from, to });
+        if load.is_finished() {
+            after_load += 1;
+        }
+    }
+    let ids = load.await.expect("load driver");
+    driver.close().await;
+    note(
+        run,
+        &format!("{} kills; load submitted; draining", faults.len()),
+    );
+    let drained_from = Instant::now();
+    cluster.drain(&ids, Duration::from_secs(120)).await;
+    let drain_s = drained_from.elapsed().as_secs_f64();
+    let counters = cluster.counters().await;
+    cluster.stop_all().await;
+
+    let expected: Vec<Expectation> = ids
+        .iter()
+        .map(|id| Expectation {
+            request_id: id.clone(),
+            refused: false,
+        })
+        .collect();
+    let books = cluster.books(&expected, &faults).await;
+    let recovered_max = faults
+        .iter()
+        .map(FaultWindow::recovery_s)
+        .fold(0.0, f64::max);
+    figure(&format!(
+        "{run}: tasks={} faults={} lost={} duplicates_dropped={} stale_checks_dropped>={} rearmed={} \
+         orphan_provider_jobs={} outcomes={:?} status_calls={} tightest_call_ratio={:.2} \
+         recovered_max_s={recovered_max:.1} drain_s={drain_s:.1} total_s={:.0}",
+        books.tasks,
+        faults.len(),
+        books.lost.len(),
+        books.duplicates_dropped,
+        counters.sum("video_progress_checks_total", "outcome=\"stale\""),
+        counters.sum("video_progress_rearmed_total", ""),
+        books.orphan_provider_jobs,
+        books.by_status,
+        books.status_calls,
+        books.tightest,
+        cluster.started.elapsed().as_secs_f64(),
+    ));
+    assert_clean(&cluster, &books);
+    assert!(faults.len() >= 3, "too few kills to mean anything");
+    cluster.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_random_instances_loses_nothing_and_forks_no_chain() {
+    kill9_run("kill9", 200, 12.0).await;
+}
+
+/// The longer soak: `cargo test --test reliability -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "soak: 1,000 tasks, several minutes"]
+async fn soak_kill_9_with_a_thousand_tasks() {
+    kill9_run("kill9_soak", 1000, 15.0).await;
+}

@@ -1,0 +1,12 @@
+//! Reliability suite (DESIGN §6 under fault, with figures): the real binary as child processes,
+//! faults injected, the books checked. Faults that stop the machine's shared RabbitMQ or
+//! PostgreSQL live in the `faults` test binary. See RELIABILITY.md.
+
+#[allow(dead_code)]
+#[path = "../integration/helpers.rs"]
+mod helpers;
+
+#[allow(dead_code)]
+mod harness;
+
+mod kill9;
