@@ -509,6 +509,29 @@ mod tests {
     }
 
     #[test]
+    fn tls_urls_are_accepted_for_the_broker_and_the_database() {
+        let s = Settings::load_from(&env(&[
+            (
+                "APP__RABBITMQ__URL",
+                "amqps://user:pw@rabbit.example:5671/%2f",
+            ),
+            (
+                "APP__DATABASE__URL",
+                "postgres://app@db.example:5432/video?sslmode=require",
+            ),
+        ]))
+        .expect("TLS URLs are valid");
+        let amqp: lapin::uri::AMQPUri = s.rabbitmq.url.expose_secret().parse().unwrap();
+        assert_eq!(amqp.scheme, lapin::uri::AMQPScheme::AMQPS);
+        assert_eq!(amqp.authority.port, 5671);
+        let pg = crate::store::connect_options(&s.database).unwrap();
+        assert!(matches!(
+            pg.get_ssl_mode(),
+            sqlx::postgres::PgSslMode::Require
+        ));
+    }
+
+    #[test]
     fn production_refuses_the_simulated_provider() {
         let err = Settings::load_from(&env(&[("APP_ENVIRONMENT", "production")]))
             .expect_err("sim in production")

@@ -785,7 +785,8 @@ impl Handler for GenerationOrchestrator {
             span.record("request_id", command.request_id());
             span.record("virtual_key", command.virtual_key_id());
             span.record("message_type", command.name());
-            match self.dispatch(command, incoming.traceparent.clone()).await {
+            let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
+            match self.dispatch(command, Some(traceparent)).await {
                 Ok(()) => Outcome::Ack,
                 Err(HandleError::Shutdown) => Outcome::Requeue,
                 Err(HandleError::Store(e)) => {

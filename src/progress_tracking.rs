@@ -642,7 +642,8 @@ impl Handler for ProgressTracker {
             span.record("request_id", check.request_id.as_str());
             span.record("virtual_key", check.virtual_key_id.as_str());
             crash_if(self.crash_at, CrashPoint::Received);
-            let result = self.check(&check, incoming.traceparent.clone()).await;
+            let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
+            let result = self.check(&check, Some(traceparent)).await;
             if result != "recirculated" {
                 count(result);
             }

@@ -333,6 +333,7 @@ async fn a_duplicate_request_creates_one_task_and_one_started_event() {
     assert_eq!(count(&h.events, STARTED, &id), 1, "one started event");
     assert_eq!(count(&h.events, COMPLETED, &id), 1, "one completed event");
     assert_eq!(count(&h.events, TRACKING_CANCELLED, &id), 1);
+    eprintln!("PROBE submits={}", h.sim.stats().submits);
     assert_eq!(h.rows().await, 1, "one task row");
     assert_eq!(h.task(&id).await.status, TaskStatus::Completed);
     h.stop().await;

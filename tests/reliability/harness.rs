@@ -329,6 +329,8 @@ pub struct ServeProcess {
     pub pid: u32,
     /// Its HTTP address.
     pub http: SocketAddr,
+    /// Its id in the lease tables.
+    pub instance_id: String,
     /// Its log file.
     pub log: PathBuf,
 }
@@ -341,10 +343,13 @@ impl ServeProcess {
             .await
             .parse()
             .expect("serve HTTP address");
+        let instance_id =
+            logged_field(&mut child, &log, "video-orchestrator running", "instance").await;
         Self {
             child,
             pid,
             http,
+            instance_id,
             log,
         }
     }
@@ -704,6 +709,39 @@ impl Cluster {
             self.wait_ready(slot, timeout).await?;
         }
         Some(Utc::now())
+    }
+
+    /// True when every partition is leased, unexpired, to a live instance: tracking has failed
+    /// over completely (false while the database does not answer).
+    pub async fn partitions_covered(&self) -> bool {
+        let live: Vec<String> = self
+            .slots
+            .iter()
+            .flatten()
+            .map(|p| p.instance_id.clone())
+            .collect();
+        let covered: Option<i64> = sqlx::query_scalar(
+            "SELECT count(*) FROM partition_leases
+             WHERE topology_prefix = $1 AND expires_at > now() AND owner = ANY($2)",
+        )
+        .bind(&self.env.prefix)
+        .bind(&live)
+        .fetch_one(self.env.store.pool())
+        .await
+        .ok();
+        covered == Some(i64::from(self.env.topology().partitions()))
+    }
+
+    /// Waits until [`Cluster::partitions_covered`]; returns when it was.
+    pub async fn wait_covered(&self, timeout: Duration) -> Option<DateTime<Utc>> {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if self.partitions_covered().await {
+                return Some(Utc::now());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
     }
 
     /// A driver: its own supervised broker connection and a client.

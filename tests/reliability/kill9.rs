@@ -32,13 +32,21 @@ async fn kill9_run(run: &'static str, tasks: usize, per_second: f64) {
     // Kill a random instance every 2–4 s while the load arrives and twice more after it, so
     // the kills also land on tasks being tracked and finished.
     let mut faults: Vec<FaultWindow> = Vec::new();
+    let mut restart_ready: Vec<f64> = Vec::new();
     let mut after_load = 0;
     while after_load < 2 {
         let pause = rand::rng().random_range(2000..4000);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let slot = rand::rng().random_range(0..cluster.slots.len());
         let from = cluster.kill9(slot).await;
-        let to = cluster.restart(slot).await;
+        let ready = cluster.restart(slot).await;
+        // Recovered when every partition is leased to a live instance again: the dead
+        // instance's leases must expire (3 s) before anyone may take them.
+        let to = cluster
+            .wait_covered(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("{run}: partitions not covered 20 s after a kill"));
+        restart_ready.push((ready - from).num_milliseconds() as f64 / 1000.0);
         faults.push(FaultWindow { from, to });
         if load.is_finished() {
             after_load += 1;
@@ -68,10 +76,11 @@ async fn kill9_run(run: &'static str, tasks: usize, per_second: f64) {
         .iter()
         .map(FaultWindow::recovery_s)
         .fold(0.0, f64::max);
+    let restart_max = restart_ready.iter().copied().fold(0.0, f64::max);
     figure(&format!(
         "{run}: tasks={} faults={} lost={} duplicates_dropped={} stale_checks_dropped>={} rearmed={} \
          orphan_provider_jobs={} outcomes={:?} status_calls={} tightest_call_ratio={:.2} \
-         recovered_max_s={recovered_max:.1} drain_s={drain_s:.1} total_s={:.0}",
+         restart_ready_max_s={restart_max:.1} recovered_max_s={recovered_max:.1} drain_s={drain_s:.1} total_s={:.0}",
         books.tasks,
         faults.len(),
         books.lost.len(),
