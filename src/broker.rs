@@ -140,6 +140,8 @@ pub struct Broker {
     topology: Topology,
     current: watch::Sender<Option<Arc<Connection>>>,
     declared: std::sync::atomic::AtomicBool,
+    /// Index in the node list of the node last connected to; a reconnect tries the next first.
+    node: std::sync::atomic::AtomicUsize,
 }
 
 impl Broker {
@@ -152,7 +154,7 @@ impl Broker {
         options: BrokerOptions,
         topology: Topology,
     ) -> Result<Arc<Self>, BrokerError> {
-        let connection = connect_any(&options).await?;
+        let (connection, node) = connect_any(&options, 0).await?;
         topology.declare(&connection).await?;
         let (current, _) = watch::channel(Some(Arc::new(connection)));
         Ok(Arc::new(Self {
@@ -160,6 +162,7 @@ impl Broker {
             topology,
             current,
             declared: std::sync::atomic::AtomicBool::new(true),
+            node: std::sync::atomic::AtomicUsize::new(node),
         }))
     }
 
@@ -230,7 +233,10 @@ impl Broker {
                         metrics::counter!("video_broker_reconnects_total").increment(1);
                     }
                     let attempt = async {
-                        let conn = connect_any(&self.options).await?;
+                        // The node we lost is the last one tried: start with the next.
+                        let start = self.node.load(std::sync::atomic::Ordering::Relaxed) + 1;
+                        let (conn, node) = connect_any(&self.options, start).await?;
+                        self.node.store(node, std::sync::atomic::Ordering::Relaxed);
                         self.topology.declare(&conn).await?;
                         Ok::<_, BrokerError>(conn)
                     };
@@ -263,9 +269,28 @@ fn jitter(d: Duration) -> Duration {
     Duration::from_millis(ms / 2 + rand::rng().random_range(0..=ms / 2 + 1))
 }
 
-async fn connect_any(options: &BrokerOptions) -> Result<Connection, BrokerError> {
+impl Broker {
+    /// The redacted URL of the node in use.
+    pub fn node(&self) -> String {
+        let i = self.node.load(std::sync::atomic::Ordering::Relaxed);
+        self.options
+            .urls
+            .get(i)
+            .map(|u| redact_url(u.expose_secret()))
+            .unwrap_or_default()
+    }
+}
+
+/// Tries every node once, starting at index `start` (wrapping), and returns the first that
+/// answers with its index.
+async fn connect_any(
+    options: &BrokerOptions,
+    start: usize,
+) -> Result<(Connection, usize), BrokerError> {
     let mut last = String::from("no URL configured");
-    for url in &options.urls {
+    let n = options.urls.len();
+    for i in (0..n).map(|k| (start + k) % n) {
+        let url = &options.urls[i];
         let props = ConnectionProperties::default()
             .with_connection_name(options.connection_name.as_str().into());
         match tokio::time::timeout(
@@ -275,8 +300,8 @@ async fn connect_any(options: &BrokerOptions) -> Result<Connection, BrokerError>
         .await
         {
             Ok(Ok(conn)) => {
-                info!(node = %redact_url(url.expose_secret()), "connected to RabbitMQ");
-                return Ok(conn);
+                info!(node = %redact_url(url.expose_secret()), index = i, "connected to RabbitMQ");
+                return Ok((conn, i));
             }
             Ok(Err(e)) => last = e.to_string(),
             Err(_) => last = "timed out after 10 s".to_owned(),

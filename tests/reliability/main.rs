@@ -9,4 +9,7 @@ mod helpers;
 #[allow(dead_code)]
 mod harness;
 
+mod decode_props;
 mod kill9;
+mod poison;
+mod provider_faults;

@@ -25,7 +25,10 @@ async fn provider_500s_429s_and_timeouts_end_every_task_correctly() {
             // A hang (60 s at the simulator) becomes a timeout after 2 s.
             ("APP__PROVIDERS__SIM__TIMEOUT_MS", "2000".to_owned()),
             ("APP__GENERATION__SUBMIT_MAX_ATTEMPTS", "5".to_owned()),
-            ("APP__GENERATION__SUBMIT_BACKOFF_INITIAL_MS", "200".to_owned()),
+            (
+                "APP__GENERATION__SUBMIT_BACKOFF_INITIAL_MS",
+                "200".to_owned(),
+            ),
             ("APP__GENERATION__SUBMIT_BACKOFF_MAX_MS", "2000".to_owned()),
         ],
     })
