@@ -191,6 +191,8 @@ pub struct ServiceWindow {
     pub broker_cpu_seconds_per_1000_checks: f64,
     /// PostgreSQL CPU seconds per 1,000 checks.
     pub postgres_cpu_seconds_per_1000_checks: f64,
+    /// Simulated provider CPU seconds per 1,000 checks (a real provider's cost is not ours).
+    pub sim_cpu_seconds_per_1000_checks: f64,
     /// Largest service RSS sampled in the window.
     pub service_rss_mb: f64,
     /// Mean service RSS in the window.
@@ -1005,6 +1007,7 @@ impl ServiceProc {
             cpu_seconds_per_1000_checks: per_1000(cpu.service_cpu_secs, full_f),
             broker_cpu_seconds_per_1000_checks: per_1000(cpu.broker_cpu_secs, full_f),
             postgres_cpu_seconds_per_1000_checks: per_1000(cpu.postgres_cpu_secs, full_f),
+            sim_cpu_seconds_per_1000_checks: per_1000(cpu.sim_cpu_secs, full_f),
             service_rss_mb: round2(rss.iter().copied().fold(0.0, f64::max)),
             service_rss_mean_mb: round2(rss.iter().sum::<f64>() / rss.len().max(1) as f64),
             cpu,
@@ -2176,7 +2179,7 @@ pub fn render_human(r: &BenchReport) -> String {
     let row = |s: &mut String, label: &str, w: &ServiceWindow| {
         let _ = writeln!(
             s,
-            "  {label:<11} {:>6} tasks  {:>7.0} checks/s  lag p50 {:>6.1} p99 {:>7.1} max ≤{:>7.1} ms  service {:.3} / broker {:.3} / pg {:.3} CPU s per 1k  events/check {:.2}  steal {:.1} %",
+            "  {label:<11} {:>6} tasks  {:>7.0} checks/s  lag p50 {:>6.1} p99 {:>7.1} max ≤{:>7.1} ms  service {:.3} / broker {:.3} / pg {:.3} / sim {:.3} CPU s per 1k  events/check {:.2}  steal {:.1} %",
             w.tracked_tasks,
             w.checks_per_sec,
             w.lag_ms.p50,
@@ -2185,6 +2188,7 @@ pub fn render_human(r: &BenchReport) -> String {
             w.cpu_seconds_per_1000_checks,
             w.broker_cpu_seconds_per_1000_checks,
             w.postgres_cpu_seconds_per_1000_checks,
+            w.sim_cpu_seconds_per_1000_checks,
             w.progress_events_per_check,
             w.cpu.steal_pct
         );

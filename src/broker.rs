@@ -686,11 +686,6 @@ async fn consume_on<H: Handler>(
     debug!(queue = %spec.queue, "consuming");
     let tracker = TaskTracker::new();
     let result = loop {
-        // Take a permit before pulling the next delivery so at most `concurrency` run.
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break Ok(()),
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break Ok(()) },
-        };
         let next = tokio::select! {
             _ = stop.cancelled() => break Ok(()),
             n = consumer.next() => n,
@@ -699,6 +694,13 @@ async fn consume_on<H: Handler>(
             None => break Err(BrokerError::ConsumerEnded(spec.queue.clone())),
             Some(Err(e)) => break Err(BrokerError::Lapin(e)),
             Some(Ok(d)) => d,
+        };
+        // The permit is taken after a delivery arrives: consumers of idle queues must not hold
+        // permits that busy ones need (the limit is shared across partitions). A delivery that
+        // waits here keeps its prefetch slot and goes back to the queue if we stop.
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break Ok(()),
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break Ok(()) },
         };
         let incoming = Incoming::from_delivery(&spec.queue, &delivery);
         let publisher = publisher.clone();

@@ -15,7 +15,7 @@ use tracing::{debug, warn};
 
 use crate::broker::Publisher;
 use crate::config::OutboxSettings;
-use crate::store::{Store, StoreError};
+use crate::store::{OutboxRow, Store, StoreError};
 
 /// Relay errors.
 #[derive(Debug, thiserror::Error)]
@@ -71,18 +71,40 @@ impl OutboxRelay {
             tx.commit().await?;
             return Ok(0);
         }
-        // Publish the batch concurrently: one confirm channel, many confirms in flight.
-        let results = join_all(rows.iter().map(|r| self.publisher.publish(&r.envelope))).await;
-        let mut sent = Vec::with_capacity(rows.len());
-        let mut failed = 0;
-        for (row, result) in rows.iter().zip(results) {
-            match result {
-                Ok(()) => sent.push(row.id),
-                Err(e) => {
-                    failed += 1;
-                    warn!(message_id = %row.envelope.message_id, error = %e, "outbox row not published");
+        // Tasks in parallel (one confirm channel, many confirms in flight), each task's rows in
+        // the order they were written: a terminal event always precedes its
+        // `VideoProgressTrackingCancelled`. After a failure, a task's later rows wait.
+        let mut by_task: Vec<(&str, Vec<&OutboxRow>)> = Vec::new();
+        for row in &rows {
+            match by_task
+                .iter_mut()
+                .find(|(k, _)| *k == row.envelope.correlation_id)
+            {
+                Some((_, list)) => list.push(row),
+                None => by_task.push((row.envelope.correlation_id.as_str(), vec![row])),
+            }
+        }
+        let results = join_all(by_task.into_iter().map(|(_, list)| async move {
+            let mut sent = Vec::with_capacity(list.len());
+            let mut failed = 0;
+            for (i, row) in list.iter().enumerate() {
+                match self.publisher.publish(&row.envelope).await {
+                    Ok(()) => sent.push(row.id),
+                    Err(e) => {
+                        failed += list.len() - i;
+                        warn!(message_id = %row.envelope.message_id, error = %e, "outbox row not published");
+                        break;
+                    }
                 }
             }
+            (sent, failed)
+        }))
+        .await;
+        let mut sent = Vec::with_capacity(rows.len());
+        let mut failed = 0;
+        for (ok, bad) in results {
+            sent.extend(ok);
+            failed += bad;
         }
         Store::delete_outbox(&mut tx, &sent).await?;
         tx.commit().await?;
