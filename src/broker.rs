@@ -226,7 +226,7 @@ impl Broker {
                 }
                 _ => {
                     if self.current.borrow().is_some() {
-                        warn!("broker connection lost; reconnecting");
+                        warn!(node = %self.node(), "broker connection lost; reconnecting");
                         self.current.send_replace(None);
                         self.declared
                             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -244,7 +244,7 @@ impl Broker {
                         _ = shutdown.cancelled() => return,
                         result = attempt => match result {
                             Ok(conn) => {
-                                info!("broker connection re-established and topology redeclared");
+                                info!(node = %self.node(), "broker connection re-established and topology redeclared");
                                 self.declared.store(true, std::sync::atomic::Ordering::Relaxed);
                                 self.current.send_replace(Some(Arc::new(conn)));
                             }

@@ -282,7 +282,7 @@ pub struct VideoProgressCheckRequested {
     pub interval_index: u32,
     /// When tracking started.
     pub start_time: DateTime<Utc>,
-    /// Must equal the task row's `check_sequence` to run; anything else is stale.
+    /// Runs only when not below the task row's `check_sequence`; a lower one is stale.
     pub sequence: i64,
 }
 message!(
@@ -500,9 +500,19 @@ pub fn decode<M: Message>(body: &[u8]) -> Result<M, DecodeError> {
             }
         },
     }
-    serde_path_to_error::deserialize::<_, M>(value).map_err(|e| {
-        let path = e.path().to_string();
+    serde_path_to_error::deserialize::<_, M>(&value).map_err(|e| {
+        let mut path = e.path().to_string();
         let inner = e.into_inner().to_string();
+        // A bad value in a field of the flattened `Meta` (`messageId`, `occurredAt`) is reported
+        // at the body's root: ask `Meta` alone, whose error path names the field.
+        if path == "." && !inner.starts_with("missing field") {
+            if let Err(meta) = serde_path_to_error::deserialize::<_, Meta>(&value) {
+                let meta_path = meta.path().to_string();
+                if meta_path != "." {
+                    path = meta_path;
+                }
+            }
+        }
         // `missing field `x`` is reported at the parent path; name the field itself.
         let field = match inner
             .strip_prefix("missing field `")
@@ -678,6 +688,22 @@ mod tests {
 
         let err = decode::<VideoGenerationRequested>(b"not json").unwrap_err();
         assert!(matches!(err, DecodeError::NotJson(_)));
+
+        // Fields of the flattened `Meta` are named too, not reported at the root.
+        for (field, bad) in [
+            ("messageId", serde_json::json!(false)),
+            ("messageId", serde_json::json!("not-a-uuid")),
+            ("occurredAt", serde_json::json!("yesterday")),
+        ] {
+            let mut v = request_json();
+            v[field] = bad;
+            let err =
+                decode::<VideoGenerationRequested>(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+            assert!(
+                matches!(&err, DecodeError::Field { field: f, .. } if f == field),
+                "{err}"
+            );
+        }
     }
 
     #[test]

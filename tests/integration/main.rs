@@ -1,4 +1,5 @@
 mod broker;
+mod cluster_failover;
 mod generation;
 mod helpers;
 mod operations;
