@@ -312,19 +312,22 @@ struct DbParkSink(Store);
 #[async_trait::async_trait]
 impl crate::broker::ParkSink for DbParkSink {
     async fn record(&self, delivery: &crate::broker::Incoming, reason: &str) {
+        let text = |s: &Option<String>| s.as_deref().map(pg_text);
         let parked = crate::store::ParkedMessage {
             id: 0,
-            message_id: delivery.message_id.clone(),
-            original_queue: delivery.queue.clone(),
-            original_exchange: delivery.exchange.clone(),
-            routing_key: delivery.routing_key.clone(),
-            reason: reason.to_owned(),
+            message_id: text(&delivery.message_id),
+            original_queue: pg_text(&delivery.queue),
+            original_exchange: pg_text(&delivery.exchange),
+            routing_key: pg_text(&delivery.routing_key),
+            // Capped like the `x-parked-reason` header: a decode error quotes the bad value,
+            // which may be a huge string.
+            reason: pg_text(&reason.chars().take(1000).collect::<String>()),
             headers: serde_json::json!({
-                "messageId": delivery.message_id,
-                "type": delivery.message_type,
-                "correlationId": delivery.correlation_id,
-                "x-virtual-key": delivery.virtual_key,
-                "traceparent": delivery.traceparent,
+                "messageId": text(&delivery.message_id),
+                "type": text(&delivery.message_type),
+                "correlationId": text(&delivery.correlation_id),
+                "x-virtual-key": text(&delivery.virtual_key),
+                "traceparent": text(&delivery.traceparent),
                 "redelivered": delivery.redelivered,
             }),
             body: delivery.body.clone(),
@@ -335,6 +338,13 @@ impl crate::broker::ParkSink for DbParkSink {
             warn!(error = %e, "parked message not recorded in the database (it is in the parking queue)");
         }
     }
+}
+
+/// PostgreSQL `TEXT` and `JSONB` cannot hold NUL, and a poison message can carry one into its
+/// properties or into the decoder's error (which quotes the bad value): replace it, or the row is
+/// refused and the parked message goes unrecorded.
+fn pg_text(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
 }
 
 fn hostname() -> String {

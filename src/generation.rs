@@ -89,9 +89,10 @@ impl GenerationOrchestrator {
         &self,
         command: GenerationCommand,
         traceparent: Option<String>,
+        redelivered: bool,
     ) -> Result<(), HandleError> {
         match command {
-            GenerationCommand::Requested(r) => self.on_requested(r, traceparent).await,
+            GenerationCommand::Requested(r) => self.on_requested(r, traceparent, redelivered).await,
             GenerationCommand::CancelRequested(c) => self.on_cancel(c, traceparent).await,
             GenerationCommand::ProviderTaskFinished(f) => self.on_finished(f, traceparent).await,
         }
@@ -156,6 +157,7 @@ impl GenerationOrchestrator {
         &self,
         r: VideoGenerationRequested,
         traceparent: Option<String>,
+        redelivered: bool,
     ) -> Result<(), HandleError> {
         let new_task = NewTask {
             request_id: r.request_id.clone(),
@@ -171,7 +173,14 @@ impl GenerationOrchestrator {
         };
         let provider = match self.validate(&r) {
             Ok(p) => p,
-            Err(reason) => return self.reject_invalid(new_task, &reason, traceparent).await,
+            Err(reason) => {
+                // A refused callback URL must not receive the refusal either.
+                let new_task = NewTask {
+                    callback_url: None,
+                    ..new_task
+                };
+                return self.reject_invalid(new_task, &reason, traceparent).await;
+            }
         };
         let mut tx = self.store.begin().await?;
         let new_task = NewTask {
@@ -182,6 +191,16 @@ impl GenerationOrchestrator {
             Inserted::New => tx.commit().await?,
             Inserted::Exists(task) if task.status == TaskStatus::Pending => {
                 tx.commit().await?;
+                // Resume only what nobody is submitting: our own message redelivered after a
+                // crash, or a task idle past the grace period (claimed by one conditional
+                // UPDATE). A duplicate arriving while another instance submits is acknowledged,
+                // or the provider would get the job twice.
+                let grace = std::time::Duration::from_millis(self.settings.pending_grace_ms);
+                if !redelivered && !self.store.touch_pending(&r.request_id, grace).await? {
+                    metrics::counter!("video_generation_duplicate_requests_total").increment(1);
+                    info!("duplicate of a request being submitted elsewhere: ignored");
+                    return Ok(());
+                }
                 info!("task still pending after an earlier attempt; resuming submission");
             }
             Inserted::Exists(task)
@@ -439,7 +458,7 @@ impl GenerationOrchestrator {
                 return Ok(());
             }
             // It appeared meanwhile: handle the cancel against it.
-            return Box::pin(self.on_cancel(c, None)).await;
+            return Box::pin(self.on_cancel(c, tomb.traceparent)).await;
         };
         if task.virtual_key_id != c.virtual_key_id {
             warn!(owner = %task.virtual_key_id, "cancel refused: virtual key does not own the task");
@@ -786,7 +805,10 @@ impl Handler for GenerationOrchestrator {
             span.record("virtual_key", command.virtual_key_id());
             span.record("message_type", command.name());
             let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
-            match self.dispatch(command, Some(traceparent)).await {
+            match self
+                .dispatch(command, Some(traceparent), incoming.redelivered)
+                .await
+            {
                 Ok(()) => Outcome::Ack,
                 Err(HandleError::Shutdown) => Outcome::Requeue,
                 Err(HandleError::Store(e)) => {

@@ -583,19 +583,27 @@ impl Store {
         Ok(rows)
     }
 
-    /// Tasks still `pending` after `grace` (a crash between insert and submit).
+    /// Tasks still `pending` after `grace` (a crash between insert and submit) that no sweeper
+    /// re-drove in the last `grace`: marks them (`next_check_at`, unused while pending) so one
+    /// sweeper re-drives each per grace period.
     ///
     /// # Errors
     /// Database errors.
-    pub async fn stale_pending(
+    pub async fn claim_stale_pending(
         &self,
         grace: Duration,
         limit: i64,
     ) -> Result<Vec<Task>, StoreError> {
         Ok(sqlx::query_as::<_, Task>(
-            "SELECT * FROM video_tasks
-             WHERE status = 'pending' AND updated_at < now() - make_interval(secs => $1)
-             ORDER BY created_at LIMIT $2",
+            "WITH due AS (
+                 SELECT request_id FROM video_tasks
+                 WHERE status = 'pending' AND updated_at < now() - make_interval(secs => $1)
+                   AND (next_check_at IS NULL OR next_check_at < now())
+                 ORDER BY created_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED)
+             UPDATE video_tasks t SET next_check_at = now() + make_interval(secs => $1)
+             FROM due WHERE t.request_id = due.request_id
+             RETURNING t.*",
         )
         .bind(grace.as_secs_f64())
         .bind(limit)
@@ -603,7 +611,8 @@ impl Store {
         .await?)
     }
 
-    /// Marks a pending task as touched, so only one sweeper re-drives it per grace period.
+    /// Claims a pending task for (re)submission: succeeds for one caller, and only when nobody
+    /// touched the task for `grace` (so a submission in progress elsewhere is left alone).
     ///
     /// # Errors
     /// Database errors.

@@ -77,14 +77,8 @@ impl Sweeper {
         }
         let pending_grace = Duration::from_millis(self.generation.pending_grace_ms);
         let mut redriven = 0;
-        for task in self.store.stale_pending(pending_grace, 100).await? {
-            if !self
-                .store
-                .touch_pending(&task.request_id, pending_grace)
-                .await?
-            {
-                continue;
-            }
+        // The generation orchestrator claims the task when the re-driven request arrives.
+        for task in self.store.claim_stale_pending(pending_grace, 100).await? {
             let request = VideoGenerationRequested {
                 meta: Meta::new(),
                 request_id: task.request_id.clone(),

@@ -40,8 +40,7 @@ impl InspectProxy {
                 .build()
                 .expect("proxy runtime");
             runtime.block_on(async move {
-                let listener =
-                    tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
                 let mut connections = JoinSet::new();
                 loop {
                     tokio::select! {

@@ -81,7 +81,10 @@ async fn replicate_books_queue(cluster: &Cluster) {
         .await
         .expect("delete the classic books queue");
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
     args.insert("x-expires".into(), AMQPValue::LongInt(900_000));
     channel
@@ -223,10 +226,7 @@ async fn killing_the_node_that_leads_most_partitions_loses_nothing() {
         PER_SECOND,
         10,
     ));
-    tokio::time::sleep(Duration::from_secs_f64(
-        TASKS as f64 / PER_SECOND * KILL_AT,
-    ))
-    .await;
+    tokio::time::sleep(Duration::from_secs_f64(TASKS as f64 / PER_SECOND * KILL_AT)).await;
 
     // The node that leads the most partition queues right now.
     let queues = rabbit.queues(&prefix).expect("list the run's queues");
@@ -279,7 +279,14 @@ async fn killing_the_node_that_leads_most_partitions_loses_nothing() {
         t.map_or(f64::NAN, |t| (t - from).num_milliseconds() as f64 / 1000.0)
     };
     let faults = vec![FaultWindow { from, to }];
-    note(RUN, &format!("recovered: {recovery:?}"));
+    let replicas_up = rabbit
+        .queues(&prefix)
+        .map(|qs| qs.iter().map(|q| q.online.len()).min().unwrap_or(0))
+        .unwrap_or(0);
+    note(
+        RUN,
+        &format!("recovered: {recovery:?}; every queue has at least {replicas_up} replicas up"),
+    );
 
     let ids = load.await.expect("load driver");
     driver.close().await;

@@ -156,7 +156,11 @@ impl RabbitCluster {
             NODE_NAMES.join(", "),
             t.elapsed().as_secs_f64(),
             cluster.dir.display(),
-            cluster.nodes.iter().map(|n| n.amqp_port).collect::<Vec<_>>()
+            cluster
+                .nodes
+                .iter()
+                .map(|n| n.amqp_port)
+                .collect::<Vec<_>>()
         );
         cluster
     }
@@ -188,7 +192,10 @@ impl RabbitCluster {
                 "RABBITMQ_ADVANCED_CONFIG_FILE",
                 node.dir.join("advanced.config"),
             )
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", node.dir.join("enabled_plugins"))
+            .env(
+                "RABBITMQ_ENABLED_PLUGINS_FILE",
+                node.dir.join("enabled_plugins"),
+            )
             .env("RABBITMQ_MNESIA_BASE", node.dir.join("mnesia"))
             .env("RABBITMQ_LOG_BASE", node.dir.join("log"))
             .env("RABBITMQ_PID_FILE", node.pid_file())
@@ -305,10 +312,7 @@ impl RabbitCluster {
 
     /// The first node not killed.
     pub fn live_node(&self) -> &Node {
-        self.nodes
-            .iter()
-            .find(|n| !n.killed)
-            .expect("a live node")
+        self.nodes.iter().find(|n| !n.killed).expect("a live node")
     }
 
     /// Every quorum queue whose name starts with `prefix`, as a live node sees it.
@@ -345,11 +349,6 @@ impl RabbitCluster {
                 online: strings(&q["online"]),
             })
             .collect())
-    }
-
-    /// The node whose AMQP port is `port`.
-    pub fn node_by_port(&self, port: u16) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.amqp_port == port)
     }
 
     /// The node list for `rabbitmq.urls` (`APP__RABBITMQ__URLS`), `vo1` first.
@@ -414,7 +413,9 @@ impl RabbitCluster {
 
     /// Every live process of this cluster (pid files, then a scan of `/proc` for the marker).
     fn our_pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = (0..self.nodes.len()).filter_map(|i| self.pid_of(i)).collect();
+        let mut pids: Vec<u32> = (0..self.nodes.len())
+            .filter_map(|i| self.pid_of(i))
+            .collect();
         if let Ok(entries) = std::fs::read_dir("/proc") {
             for entry in entries.flatten() {
                 if let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() {

@@ -127,9 +127,12 @@ async fn losing_the_node_in_use_moves_to_the_next_redeclares_and_confirms_publis
     let topology = env.topology();
     let queue = topology.generation_queue();
 
-    let broker = Broker::connect(options(&env, &[url_a.clone(), url_b.clone()]), topology.clone())
-        .await
-        .expect("connects to the first node");
+    let broker = Broker::connect(
+        options(&env, &[url_a.clone(), url_b.clone()]),
+        topology.clone(),
+    )
+    .await
+    .expect("connects to the first node");
     assert_eq!(broker.node(), redact_url(&url_a));
     let stop = CancellationToken::new();
     let supervisor = tokio::spawn(broker.clone().supervise(stop.clone()));
@@ -162,7 +165,8 @@ async fn losing_the_node_in_use_moves_to_the_next_redeclares_and_confirms_publis
     tokio::time::sleep(Duration::from_millis(5)).await;
     a.set_down(true);
     let late = request(301);
-    let during = publisher.publish(&Envelope::to_queue(queue.clone(), &late));
+    let late_envelope = Envelope::to_queue(queue.clone(), &late);
+    let during = publisher.publish(&late_envelope);
     tokio::time::timeout(Duration::from_secs(60), during)
         .await
         .expect("the publish issued during the cut finished within 60 s")
@@ -196,7 +200,10 @@ async fn losing_the_node_in_use_moves_to_the_next_redeclares_and_confirms_publis
         .map(|r| r.meta.message_id.to_string())
         .collect();
     let missing = expected.difference(&ids).count();
-    assert_eq!(missing, 0, "{missing} confirmed publishes are not in the queue");
+    assert_eq!(
+        missing, 0,
+        "{missing} confirmed publishes are not in the queue"
+    );
     assert!(
         ids.contains(&late.meta.message_id.to_string()),
         "the publish issued during the cut is in the queue"
@@ -209,7 +216,11 @@ async fn losing_the_node_in_use_moves_to_the_next_redeclares_and_confirms_publis
         .publish(&Envelope::to_queue(queue.clone(), &request(302)))
         .await
         .expect("confirmed after the second failover");
-    assert_eq!(broker.node(), redact_url(&url_a), "wrapped round to the first node");
+    assert_eq!(
+        broker.node(),
+        redact_url(&url_a),
+        "wrapped round to the first node"
+    );
 
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(10), supervisor)

@@ -344,7 +344,6 @@ async fn a_duplicate_request_creates_one_task_and_one_started_event() {
 /// do, so it runs on at the provider for nobody (see the report on `GenerationOrchestrator::
 /// on_requested`). Un-ignore once a pending task is claimed before it is re-submitted.
 #[tokio::test]
-#[ignore = "src bug: a concurrently delivered duplicate is submitted to the provider twice"]
 async fn a_duplicate_delivered_concurrently_is_submitted_to_the_provider_once() {
     let h = Harness::start(1000).await;
     let first = new_request("vk-dup", "sora-2", "the same request twice");
@@ -852,4 +851,28 @@ async fn a_request_routed_to_the_replicate_provider_completes() {
     );
     assert!(task.video_url_expires_at.is_some());
     h.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_left_pending_by_a_crash_is_re_driven_by_the_sweeper() {
+    let sim = start_sim(500).await;
+    let env = env_with(&sim, &[("APP__GENERATION__PENDING_GRACE_MS", "1000")]).await;
+    let events = env.events().await;
+    // As if an instance died between inserting the task and submitting it, long ago.
+    sqlx::query(
+        "INSERT INTO video_tasks (request_id, virtual_key_id, model, prompt, provider, status, created_at, updated_at)
+         VALUES ('req-stuck', 'vk-stuck', 'sora-2', 'left behind', 'sim', 'pending',
+                 now() - interval '5 minutes', now() - interval '5 minutes')",
+    )
+    .execute(env.store.pool())
+    .await
+    .unwrap();
+    let service = Instance::start_all(&env.settings).await;
+    expect_event(&events, "video.generation.completed", "req-stuck").await;
+    assert_eq!(count(&events, "video.generation.started", "req-stuck"), 1);
+    assert_eq!(sim.stats().submits, 1, "re-driven once, submitted once");
+    service.stop().await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
 }

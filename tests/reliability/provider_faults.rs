@@ -44,6 +44,16 @@ async fn provider_500s_429s_and_timeouts_end_every_task_correctly() {
             "errorRate": 0.25, "rateLimitRate": 0.15, "hangRate": 0.03
         }))
         .await;
+    // A few the provider refuses with 503 on every attempt: retries run out, `retryable`.
+    let mut unavailable = Vec::new();
+    for i in 0..8 {
+        let request = video_orchestrator::client::new_request(
+            "vk-unavailable",
+            "sora-2",
+            &format!("never accepted #{i} [unavailable]"),
+        );
+        unavailable.push(driver.client.submit(&request).await.expect("published"));
+    }
     tokio::time::sleep(Duration::from_secs(12)).await;
     cluster.sim.set_faults(serde_json::json!({})).await;
     let cleared = Instant::now();
@@ -51,11 +61,13 @@ async fn provider_500s_429s_and_timeouts_end_every_task_correctly() {
     note(run, "provider faults cleared");
     let faults = vec![FaultWindow { from, to }];
 
-    let ids = load.await.expect("load driver");
+    let mut ids = load.await.expect("load driver");
+    ids.extend(unavailable);
     driver.close().await;
     let last = cluster.drain(&ids, Duration::from_secs(120)).await;
     let recovered_s = (last - to).num_milliseconds().max(0) as f64 / 1000.0;
     let counters = cluster.counters().await;
+    let timeouts = cluster.log_lines("timed out");
     cluster.stop_all().await;
 
     let expected: Vec<Expectation> = ids
@@ -77,7 +89,7 @@ async fn provider_500s_429s_and_timeouts_end_every_task_correctly() {
     let submit_errors = counters.sum("video_provider_errors_total", "operation=\"submit\"");
     let status_errors = counters.sum("video_provider_errors_total", "operation=\"status\"");
     figure(&format!(
-        "{run}: tasks={} faults={} (provider errors seen: submit={submit_errors} status={status_errors}) \
+        "{run}: tasks={} faults={} (provider errors seen: submit={submit_errors} status={status_errors}, timeouts logged={timeouts}) \
          lost={} duplicates_dropped={} outcomes={:?} submit_gave_up_retryable={gave_up} \
          status_calls={} tightest_call_ratio={:.2} fault_window_s={:.0} last_task_after_clear_s={recovered_s:.1} \
          drain_after_clear_s={:.1} total_s={:.0}",
@@ -93,6 +105,10 @@ async fn provider_500s_429s_and_timeouts_end_every_task_correctly() {
         cluster.started.elapsed().as_secs_f64(),
     ));
     assert_clean(&cluster, &books);
+    assert!(
+        gave_up >= 8,
+        "the always-unavailable requests end failed and retryable"
+    );
     assert!(
         submit_errors > 0 && status_errors > 0,
         "the faults never reached the service (submit {submit_errors}, status {status_errors})"
