@@ -394,3 +394,62 @@ async fn logs_are_json_with_message_context_and_never_show_secrets() {
     env.cleanup().await;
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_traceparent_is_carried_from_the_request_to_every_event_it_causes() {
+    let sim = start_sim(1500).await;
+    let env = env_with(&sim, &[]).await;
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let request = new_request("vk-trace", "sora-2", "follow the trace");
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        "x-virtual-key".into(),
+        lapin::types::AMQPValue::LongString("vk-trace".into()),
+    );
+    headers.insert(
+        "traceparent".into(),
+        lapin::types::AMQPValue::LongString(format!("00-{trace_id}-00f067aa0ba902b7-01").into()),
+    );
+    env.publish_raw(
+        &env.topology().events_exchange(),
+        "video.generation.requested",
+        &video_orchestrator::messages::encode(&request),
+        BasicProperties::default()
+            .with_type("VideoGenerationRequested".into())
+            .with_headers(headers),
+    )
+    .await;
+    let id = request.request_id.clone();
+    events
+        .wait_for(
+            |e| e.is("video.progress.tracking_cancelled", &id),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("the task finishes");
+    let caused: Vec<_> = events
+        .all()
+        .into_iter()
+        .filter(|e| e.request_id() == Some(id.as_str()))
+        .collect();
+    assert!(caused
+        .iter()
+        .any(|e| e.routing_key == "video.generation.progress"));
+    for e in &caused {
+        let tp = e
+            .traceparent
+            .as_deref()
+            .unwrap_or_else(|| panic!("{} has no traceparent", e.routing_key));
+        assert!(
+            tp.contains(trace_id),
+            "{} left the trace: {tp}",
+            e.routing_key
+        );
+    }
+    service.stop().await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+}
