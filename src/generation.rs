@@ -496,42 +496,18 @@ impl GenerationOrchestrator {
                 Err(e) => warn!(error = %e, "provider cancel failed; tracking stops anyway"),
             }
         }
-        let mut tx = self.store.begin().await?;
-        let patch = TransitionPatch {
-            message: Some(reason.clone()),
-            ..TransitionPatch::default()
-        };
-        let Some(row) = Store::transition(
-            &mut tx,
-            &task.request_id,
-            &[TaskStatus::Pending, TaskStatus::Processing],
-            TaskStatus::Cancelled,
-            &patch,
-        )
-        .await?
-        else {
-            tx.rollback().await?;
+        if !self
+            .cancel(
+                &task.request_id,
+                &reason,
+                &[TaskStatus::Pending, TaskStatus::Processing],
+                &traceparent,
+            )
+            .await?
+        {
             info!("task finished before the cancel took effect");
             return Ok(());
-        };
-        let cancelled = VideoGenerationCancelled {
-            meta: Meta::new(),
-            request_id: row.request_id.clone(),
-            virtual_key_id: row.virtual_key_id.clone(),
-            reason: reason.clone(),
-            cancelled_at: messages::now(),
-        };
-        self.enqueue_terminal(
-            &mut tx,
-            &row,
-            &self.topology.event(&cancelled),
-            &reason,
-            &traceparent,
-        )
-        .await?;
-        tx.commit().await?;
-        self.relay_wake.notify_one();
-        metrics::counter!("video_generation_terminal_total", "status" => "cancelled").increment(1);
+        }
         info!("task cancelled");
         Ok(())
     }
@@ -653,46 +629,57 @@ impl GenerationOrchestrator {
                 .await
             }
             TaskOutcome::Cancelled => {
-                let mut tx = self.store.begin().await?;
-                let reason = "cancelled at the provider".to_owned();
-                let patch = TransitionPatch {
-                    message: Some(reason.clone()),
-                    ..TransitionPatch::default()
-                };
-                let Some(row) = Store::transition(
-                    &mut tx,
+                self.cancel(
                     &task.request_id,
+                    "cancelled at the provider",
                     &[TaskStatus::Processing],
-                    TaskStatus::Cancelled,
-                    &patch,
-                )
-                .await?
-                else {
-                    tx.rollback().await?;
-                    return Ok(());
-                };
-                let cancelled = VideoGenerationCancelled {
-                    meta: Meta::new(),
-                    request_id: row.request_id.clone(),
-                    virtual_key_id: row.virtual_key_id.clone(),
-                    reason: reason.clone(),
-                    cancelled_at: messages::now(),
-                };
-                self.enqueue_terminal(
-                    &mut tx,
-                    &row,
-                    &self.topology.event(&cancelled),
-                    &reason,
                     &traceparent,
                 )
                 .await?;
-                tx.commit().await?;
-                self.relay_wake.notify_one();
-                metrics::counter!("video_generation_terminal_total", "status" => "cancelled")
-                    .increment(1);
                 Ok(())
             }
         }
+    }
+
+    /// Moves the task to `cancelled` (tracking stopped) with its events, if it is still in
+    /// `from`. Returns false when it was not.
+    async fn cancel(
+        &self,
+        request_id: &str,
+        reason: &str,
+        from: &[TaskStatus],
+        traceparent: &Option<String>,
+    ) -> Result<bool, HandleError> {
+        let mut tx = self.store.begin().await?;
+        let patch = TransitionPatch {
+            message: Some(reason.to_owned()),
+            ..TransitionPatch::default()
+        };
+        let Some(row) =
+            Store::transition(&mut tx, request_id, from, TaskStatus::Cancelled, &patch).await?
+        else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        let cancelled = VideoGenerationCancelled {
+            meta: Meta::new(),
+            request_id: row.request_id.clone(),
+            virtual_key_id: row.virtual_key_id.clone(),
+            reason: reason.to_owned(),
+            cancelled_at: messages::now(),
+        };
+        self.enqueue_terminal(
+            &mut tx,
+            &row,
+            &self.topology.event(&cancelled),
+            reason,
+            traceparent,
+        )
+        .await?;
+        tx.commit().await?;
+        self.relay_wake.notify_one();
+        metrics::counter!("video_generation_terminal_total", "status" => "cancelled").increment(1);
+        Ok(true)
     }
 
     /// Moves the task to a failed status with its events, if it is still in `from`.
