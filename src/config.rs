@@ -26,9 +26,9 @@ const LIST_KEYS: &[&str] = &[
 /// A configuration that cannot be used. The message always names the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A value could not be read or has the wrong type.
-    #[error("configuration: {0}")]
-    Load(#[from] config::ConfigError),
+    /// A value could not be read or has the wrong type (the text names the key).
+    #[error("{0}")]
+    Load(String),
     /// A value has the right type but is not acceptable.
     #[error("configuration key `{key}`: {reason}")]
     Invalid {
@@ -299,7 +299,14 @@ impl Settings {
         if let Some(path) = var("APP_CONFIG_FILE") {
             builder = builder.add_source(config::File::with_name(&path).required(true));
         }
-        let mut settings: Settings = builder.add_source(env_source).build()?.try_deserialize()?;
+        // config's errors repeat themselves through `source()`: keep the one sentence.
+        let load = |e: config::ConfigError| ConfigError::Load(e.to_string());
+        let mut settings: Settings = builder
+            .add_source(env_source)
+            .build()
+            .map_err(load)?
+            .try_deserialize()
+            .map_err(load)?;
         settings.environment = environment;
         settings.validate()?;
         Ok(settings)
