@@ -463,10 +463,13 @@ pub fn memory_interval_ms(tasks: usize, budget_per_sec: f64, tiers: &[u64]) -> u
 // ---------------------------------------------------------------------------------------------
 // Prometheus text
 
+/// Label pairs of one sample.
+type Labels = Vec<(String, String)>;
+
 /// A scrape of `/metrics`: `(name, labels, value)` samples.
 #[derive(Debug, Clone, Default)]
 struct Scrape {
-    samples: Vec<(String, Vec<(String, String)>, f64)>,
+    samples: Vec<(String, Labels, f64)>,
 }
 
 impl Scrape {
@@ -543,7 +546,7 @@ impl Scrape {
     }
 }
 
-fn parse_labels(s: &str) -> Vec<(String, String)> {
+fn parse_labels(s: &str) -> Labels {
     let mut out = Vec::new();
     let mut rest = s;
     while let Some((key, after)) = rest.split_once("=\"") {

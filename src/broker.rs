@@ -405,13 +405,20 @@ impl Publisher {
 
     /// Publishes and waits for the broker's confirm. Connection and channel failures are retried
     /// (the same `message_id` is re-sent) until the message is confirmed, refused, or the process
-    /// shuts down; a nack or an unroutable mandatory message is an error at once.
+    /// shuts down; an unroutable mandatory message is an error at once. A nack is re-sent on a
+    /// fresh channel for up to `confirm_timeout`, then it is an error.
+    ///
+    /// Why a nack is retried on a new channel: on RabbitMQ 3.10, a channel whose first publish to
+    /// a quorum queue comes while the queue still names a dead node as its leader (the moments
+    /// after that node died, before the election) keeps nacking every publish to that queue for
+    /// as long as the channel lives. A channel opened after the election works.
     ///
     /// # Errors
     /// [`BrokerError::Nacked`], [`BrokerError::Unroutable`], [`BrokerError::Shutdown`], or
     /// [`BrokerError::Unconfirmed`] after repeated failures.
     pub async fn publish(&self, message: &Envelope) -> Result<(), BrokerError> {
         let mut attempt = 0u32;
+        let started = std::time::Instant::now();
         loop {
             attempt += 1;
             let result = self.publish_once(message).await;
@@ -420,11 +427,12 @@ impl Publisher {
                     metrics::counter!("video_broker_published_total").increment(1);
                     return Ok(());
                 }
-                Err(
-                    e @ (BrokerError::Nacked { .. }
-                    | BrokerError::Unroutable { .. }
-                    | BrokerError::Shutdown),
-                ) => return Err(e),
+                Err(e @ (BrokerError::Unroutable { .. } | BrokerError::Shutdown)) => return Err(e),
+                Err(e @ BrokerError::Nacked { .. })
+                    if started.elapsed() >= self.broker.options.confirm_timeout =>
+                {
+                    return Err(e)
+                }
                 Err(e) if attempt >= 20 => {
                     return Err(BrokerError::Unconfirmed {
                         exchange: message.exchange.clone(),

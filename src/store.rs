@@ -293,6 +293,11 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            // sqlx already pings every connection as it goes back to the pool; a second ping on
+            // acquire added one more round trip to every query (a third of the database work of
+            // a progress check, see BENCHMARKS.md). A connection that died while idle fails its
+            // query, which every caller already handles as a database error.
+            .test_before_acquire(false)
             .connect_with(connect_options(settings)?)
             .await?;
         MIGRATOR.run(&pool).await?;

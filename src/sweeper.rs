@@ -2,7 +2,8 @@
 //!
 //! - A processing task whose next check is overdue by more than `tracking.sweeper_grace_ms` gets
 //!   its sequence bumped (so any late check of the old chain is stale on arrival) and a fresh
-//!   check (`video_progress_rearmed_total`). This also covers a first check never published.
+//!   check, published straight to `video.progress` (`video_progress_rearmed_total`). This also
+//!   covers a first check never published, and a delay tier the broker holds.
 //! - A task still `pending` after `generation.pending_grace_ms` (a crash between insert and
 //!   submit) is re-driven by re-publishing its request; the generation orchestrator resumes it.
 //!
@@ -15,7 +16,9 @@ use tracing::{info, warn};
 
 use crate::broker::Publisher;
 use crate::config::{GenerationSettings, TrackingSettings};
-use crate::messages::{Meta, VideoGenerationRequested};
+use crate::messages::{
+    Envelope, Message, Meta, VideoGenerationRequested, VideoProgressCheckRequested,
+};
 use crate::progress_tracking::rearm_check;
 use crate::store::{Store, StoreError};
 use crate::topology::Topology;
@@ -60,11 +63,21 @@ impl Sweeper {
             .rearm_overdue(grace, Duration::from_millis(tier), 500)
             .await?;
         for task in &rearmed {
-            let (tier, check) = rearm_check(task, &self.topology, &self.tracking);
-            let envelope = self
-                .topology
-                .delayed_check(tier, &check)
-                .with_traceparent(task.traceparent.clone());
+            let (_, mut check) = rearm_check(task, &self.topology, &self.tracking);
+            // Straight into the partitions, not through a delay tier: the task is overdue
+            // already, and the tier may be what holds its check. After a broker restart,
+            // RabbitMQ 3.10 can hold a tier's dead-lettering for
+            // `dead_letter_worker_publisher_confirm_timeout` (2 min by default) when the tier
+            // expired messages before the broker had recovered `video.progress`; a re-arm into
+            // that tier would wait behind them (RELIABILITY.md, broker restart).
+            check.scheduled_at = crate::messages::now();
+            let mut envelope = Envelope::new(
+                self.topology.progress_exchange(),
+                VideoProgressCheckRequested::ROUTING_KEY,
+                &check,
+            )
+            .with_traceparent(task.traceparent.clone());
+            envelope.mandatory = true;
             match self.publisher.publish(&envelope).await {
                 Ok(()) => {
                     metrics::counter!("video_progress_rearmed_total").increment(1);

@@ -69,6 +69,8 @@ pub struct QueueInfo {
     pub members: Vec<String>,
     /// Replicas that are up.
     pub online: Vec<String>,
+    /// Messages, ready or not (a delay tier's dead-letter backlog included).
+    pub messages: u64,
 }
 
 /// The running cluster; stopped and removed on drop.
@@ -176,6 +178,14 @@ impl RabbitCluster {
         );
         std::fs::write(node.dir.join("rabbitmq.conf"), conf).expect("rabbitmq.conf");
         std::fs::write(node.dir.join("rabbitmq-env.conf"), "").expect("rabbitmq-env.conf");
+        // A quorum queue's at-least-once dead-letter worker re-sends what its targets have not
+        // confirmed after this long (120 s by default); 5 s lets a delay tier that was held
+        // while a node was down move again soon after the node is back (RELIABILITY.md).
+        std::fs::write(
+            node.dir.join("advanced.config"),
+            "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 5000}]}].\n",
+        )
+        .expect("advanced.config");
         std::fs::write(
             node.dir.join("enabled_plugins"),
             "[rabbitmq_consistent_hash_exchange].\n",
@@ -329,6 +339,7 @@ impl RabbitCluster {
                 "leader",
                 "members",
                 "online",
+                "messages",
                 "--formatter",
                 "json",
             ],
@@ -347,6 +358,7 @@ impl RabbitCluster {
                 leader: q["leader"].as_str().unwrap_or_default().to_owned(),
                 members: strings(&q["members"]),
                 online: strings(&q["online"]),
+                messages: q["messages"].as_u64().unwrap_or(0),
             })
             .collect())
     }
@@ -387,6 +399,23 @@ impl RabbitCluster {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.nodes[i].killed = true;
+    }
+
+    /// Starts node `i` again after a kill; it rejoins the cluster from its own data (quorum
+    /// queue replicas on it catch up). Returns once the cluster sees it running.
+    ///
+    /// # Panics
+    /// When it does not start or rejoin within a few minutes.
+    pub fn restart(&mut self, i: usize) {
+        self.start_node(i);
+        let name = self.nodes[i].name.clone();
+        self.await_startup(&name, Duration::from_secs(180));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.running_nodes(&name).contains(&name) {
+            assert!(Instant::now() < deadline, "{name} did not rejoin");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.nodes[i].killed = false;
     }
 
     /// The pid of node `i`'s `beam.smp`, when it runs and is ours.
@@ -434,17 +463,46 @@ impl RabbitCluster {
                 eprintln!("[cluster] {}: rabbitmqctl stop: {e}", node.name);
             }
         }
+        // `rabbitmqctl stop` answers once the node has stopped; the OS process exits just after.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.our_pids().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         for pid in self.our_pids() {
-            eprintln!("[cluster] pid {pid} still running after stop: kill -9");
+            eprintln!("[cluster] pid {pid} still running 15 s after stop: kill -9");
             let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.our_pids().is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
+        if std::thread::panicking() {
+            self.keep_logs();
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             eprintln!("[cluster] remove {}: {e}", self.dir.display());
         }
+    }
+}
+
+impl RabbitCluster {
+    /// Copies the nodes' logs to `target/tmp/cluster/<temp dir name>/` (a failed run).
+    fn keep_logs(&self) {
+        let name = self.dir.file_name().unwrap_or_default();
+        let kept = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("cluster")
+            .join(name);
+        for node in &self.nodes {
+            let short = node.name.split('@').next().unwrap_or(&node.name);
+            let to = kept.join(short);
+            let _ = std::fs::create_dir_all(&to);
+            if let Ok(entries) = std::fs::read_dir(node.dir.join("log")) {
+                for entry in entries.flatten() {
+                    let _ = std::fs::copy(entry.path(), to.join(entry.file_name()));
+                }
+            }
+        }
+        eprintln!("[cluster] node logs kept in {}", kept.display());
     }
 }
 

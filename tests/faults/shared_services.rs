@@ -1,6 +1,6 @@
 //! Stopping and starting this machine's RabbitMQ and PostgreSQL, safely.
 //!
-//! - One test at a time: a process-wide async mutex, plus a file lock so a second `cargo test`
+//! - One test at a time: a process-wide async mutex, plus a lock directory so a second `cargo test`
 //!   started meanwhile (another engineer's) waits for this one.
 //! - Never under someone else's feet: before stopping anything, wait until no other test binary
 //!   of this project runs (`pgrep`), for up to five minutes.
@@ -17,11 +17,23 @@ use crate::harness::{note, run_tool};
 #[derive(Debug)]
 pub struct Exclusive {
     _local: tokio::sync::MutexGuard<'static, ()>,
-    _file: std::fs::File,
+    _file: MachineLock,
 }
 
-/// Other test binaries of this project (ours excluded: this binary is `faults-…`).
-const OTHERS: &str = "target/debug/deps/(integration|providers|tracking|reliability)-[0-9a-f]+";
+/// Anything else of this project that may be using the broker or the database: a test binary
+/// (`target/*/deps/<name>-<hash>`) or the service binary itself (a `serve`, `bench`, `demo` or
+/// `sim-provider` someone runs). This process is left out by pid.
+const OTHERS: &str =
+    "target/(debug|release)/(deps/[A-Za-z0-9_]+-[0-9a-f]{16}|video-orchestrator)( |$)";
+
+/// Pids of [`OTHERS`], this process excluded.
+fn others() -> Vec<u32> {
+    let (_, out) = run_tool("pgrep", &["-f", OTHERS]);
+    out.lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id())
+        .collect()
+}
 
 /// Takes the locks, waits until no other test binary runs and makes sure both services are up.
 ///
@@ -30,42 +42,25 @@ const OTHERS: &str = "target/debug/deps/(integration|providers|tracking|reliabil
 pub async fn exclusive(run: &str) -> Exclusive {
     static LOCAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let local = LOCAL.lock().await;
-    let file = tokio::task::spawn_blocking(|| {
-        let path = std::env::temp_dir().join("video-orchestrator-shared-services.lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        file.lock()
-            .unwrap_or_else(|e| panic!("lock {}: {e}", path.display()));
-        file
-    })
-    .await
-    .expect("lock task");
+    let file = MachineLock::acquire().await;
     let t = Instant::now();
     let mut noted = false;
     loop {
-        let (found, pids) = run_tool("pgrep", &["-f", OTHERS]);
-        if !found {
+        let pids = others();
+        if pids.is_empty() {
             break;
         }
         if !noted {
             note(
                 run,
-                &format!(
-                    "waiting for other test binaries to finish (pids {})",
-                    pids.trim()
-                ),
+                &format!("waiting for other test binaries and services to finish (pids {pids:?})"),
             );
             noted = true;
         }
         assert!(
             t.elapsed() < Duration::from_secs(300),
-            "{run}: other test binaries kept running for 5 minutes (pids {}); \
-             not stopping the shared RabbitMQ/PostgreSQL under them",
-            pids.trim()
+            "{run}: other test binaries or services kept running for 5 minutes (pids {pids:?}); \
+             not stopping the shared RabbitMQ/PostgreSQL under them"
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -78,6 +73,53 @@ pub async fn exclusive(run: &str) -> Exclusive {
     Exclusive {
         _local: local,
         _file: file,
+    }
+}
+
+/// One holder on the machine: a directory created atomically, holding the owner's pid (a lock
+/// whose owner died is taken over). `File::lock` would do, but it is newer than this crate's
+/// `rust-version`.
+#[derive(Debug)]
+struct MachineLock(std::path::PathBuf);
+
+impl MachineLock {
+    async fn acquire() -> Self {
+        let dir = std::env::temp_dir().join("video-orchestrator-shared-services.lock");
+        loop {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    let _ = std::fs::write(dir.join("pid"), std::process::id().to_string());
+                    return Self(dir);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let owner = std::fs::read_to_string(dir.join("pid"))
+                        .ok()
+                        .and_then(|p| p.trim().parse::<u32>().ok());
+                    let young = std::fs::metadata(&dir)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(10));
+                    let dead = match owner {
+                        Some(pid) => !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                        // Being written, or left by a process killed in between.
+                        None => !young,
+                    };
+                    if dead {
+                        // (A plain file of that name is left over too.)
+                        let _ =
+                            std::fs::remove_dir_all(&dir).or_else(|_| std::fs::remove_file(&dir));
+                        continue;
+                    }
+                }
+                Err(e) => panic!("lock {}: {e}", dir.display()),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+impl Drop for MachineLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -137,8 +137,9 @@ async fn losing_the_node_in_use_moves_to_the_next_redeclares_and_confirms_publis
     let stop = CancellationToken::new();
     let supervisor = tokio::spawn(broker.clone().supervise(stop.clone()));
     let publisher = Publisher::new(broker.clone(), stop.clone());
+    let first = request(0);
     publisher
-        .publish(&Envelope::to_queue(queue.clone(), &request(0)))
+        .publish(&Envelope::to_queue(queue.clone(), &first))
         .await
         .expect("a publish before the cut is confirmed");
 
@@ -195,7 +196,7 @@ async fn losing_the_node_in_use_moves_to_the_next_redeclares_and_confirms_publis
         .iter()
         .filter_map(|d| d.properties.message_id().as_ref().map(ToString::to_string))
         .collect();
-    let expected: HashSet<String> = std::iter::once(request(0))
+    let expected: HashSet<String> = std::iter::once(first)
         .chain(burst)
         .map(|r| r.meta.message_id.to_string())
         .collect();

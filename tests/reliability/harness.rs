@@ -964,6 +964,45 @@ impl Cluster {
         events
     }
 
+    /// Messages the broker holds in this run's delay and partition queues that a passive
+    /// declare does not count (`rabbitmqctl list_queues` `messages` minus `messages_ready`:
+    /// held by a quorum queue's dead-letter worker, or unacknowledged). Empty when `rabbitmqctl`
+    /// is not available.
+    pub async fn broker_held(&self) -> Vec<(String, u64)> {
+        let prefix = format!("{}video.progress.", self.env.prefix);
+        let (ok, out) = tokio::task::spawn_blocking(|| {
+            run_tool(
+                "timeout",
+                &[
+                    "60",
+                    "rabbitmqctl",
+                    "-q",
+                    "list_queues",
+                    "name",
+                    "messages",
+                    "messages_ready",
+                    "--no-table-headers",
+                ],
+            )
+        })
+        .await
+        .unwrap_or((false, String::new()));
+        if !ok {
+            return Vec::new();
+        }
+        out.lines()
+            .filter_map(|line| {
+                let mut f = line.split_whitespace();
+                let (name, total, ready) = (f.next()?, f.next()?, f.next()?);
+                let held = total
+                    .parse::<u64>()
+                    .ok()?
+                    .saturating_sub(ready.parse::<u64>().ok()?);
+                (name.starts_with(&prefix) && held > 0).then(|| (name.to_owned(), held))
+            })
+            .collect()
+    }
+
     /// Checks the books for `expected` (call after [`Cluster::drain`] and
     /// [`Cluster::stop_all`]). `faults` widen each task's allowance of status calls by one per
     /// fault overlapping its life.
@@ -1027,6 +1066,12 @@ impl Cluster {
             }
         }
         let _ = conn.close(200, "inspected".into()).await;
+        // What AMQP cannot see: messages the broker holds for dead-lettering.
+        for (q, n) in self.broker_held().await {
+            books
+                .zombie_queues
+                .push((format!("{q} (held by the broker)"), n as u32));
+        }
 
         for exp in expected {
             let id = exp.request_id.as_str();
@@ -1136,7 +1181,10 @@ impl Cluster {
         let Cluster { env, sim, dir, .. } = self;
         env.cleanup().await;
         sim.stop().await;
-        let _ = std::fs::remove_dir_all(dir);
+        // `RELIABILITY_KEEP_LOGS=1` keeps them for reading.
+        if std::env::var_os("RELIABILITY_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     /// Ready instances right now.
@@ -1199,3 +1247,20 @@ pub fn run_tool(program: &str, args: &[&str]) -> (bool, String) {
 
 /// Shared state for a test's background sampler (e.g. readiness during an outage).
 pub type Shared<T> = Arc<std::sync::Mutex<T>>;
+
+/// Lines of this machine's broker logs (`/var/log/rabbitmq/*.log`) that contain both needles.
+pub fn rabbit_log_lines(a: &str, b: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/var/log/rabbitmq") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(a) && l.contains(b))
+                .count()
+        })
+        .sum()
+}

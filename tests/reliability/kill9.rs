@@ -29,13 +29,14 @@ async fn kill9_run(run: &'static str, tasks: usize, per_second: f64) {
         10,
     ));
 
-    // Kill a random instance every 2–4 s while the load arrives and twice more after it, so
-    // the kills also land on tasks being tracked and finished.
+    // Kill a random instance 1–2.5 s after the partitions were covered again (so every 4–6 s)
+    // while the load arrives and twice more after it, so the kills also land on tasks being
+    // tracked and finished.
     let mut faults: Vec<FaultWindow> = Vec::new();
     let mut restart_ready: Vec<f64> = Vec::new();
     let mut after_load = 0;
     while after_load < 2 {
-        let pause = rand::rng().random_range(2000..4000);
+        let pause = rand::rng().random_range(1000..2500);
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let slot = rand::rng().random_range(0..cluster.slots.len());
         let from = cluster.kill9(slot).await;
@@ -100,7 +101,7 @@ async fn kill9_run(run: &'static str, tasks: usize, per_second: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_random_instances_loses_nothing_and_forks_no_chain() {
-    kill9_run("kill9", 200, 12.0).await;
+    kill9_run("kill9", 200, 10.0).await;
 }
 
 /// The longer soak: `cargo test --test reliability -- --ignored`.

@@ -10,6 +10,7 @@ mod helpers;
 mod harness;
 
 mod decode_props;
+mod held_tier;
 mod kill9;
 mod poison;
 mod provider_faults;
