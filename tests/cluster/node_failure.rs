@@ -194,7 +194,7 @@ async fn wait_recovered(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "starts its own three-node RabbitMQ cluster and runs 300 tasks through a node kill: \
-            a few minutes; cargo test --test cluster -- --ignored --nocapture"]
+            about 90 s; cargo test --test cluster -- --ignored --nocapture"]
 async fn killing_the_node_that_leads_most_partitions_loses_nothing() {
     let _serial = one_at_a_time().await;
     let started = Instant::now();

@@ -60,19 +60,6 @@ pub async fn outage_run(run: &'static str, dependency: Dependency) {
         }
     }
     tokio::time::sleep(DOWN.saturating_sub(t_stop.elapsed())).await;
-    // Requests the generation orchestrator could not do wait in its queue (returned, not acked).
-    let generation_depth_down = match dependency {
-        // The broker is down: nothing to ask.
-        Dependency::RabbitMq => None,
-        Dependency::PostgreSql => {
-            let conn = cluster.connect().await;
-            let d = cluster
-                .depth(&conn, &cluster.env.topology().generation_queue())
-                .await;
-            let _ = conn.close(200, "inspected".into()).await;
-            Some(d)
-        }
-    };
     let down_s = t_stop.elapsed().as_secs_f64();
     let t_start = Instant::now();
     match dependency {
@@ -146,7 +133,7 @@ pub async fn outage_run(run: &'static str, dependency: Dependency) {
     figure(&format!(
         "{run}: tasks={} faults=1 lost={} duplicates_dropped={} outcomes={:?} \
          readiness_false_on={not_ready}/{} broker_reconnects={} republished={} consumer_resubscribes={interrupted} \
-         requeued_while_db_down={requeued} generation_ready_at_end_of_outage={generation_depth_down:?} stale_checks_dropped={} rearmed={} \
+         requeued_while_db_down={requeued} stale_checks_dropped={} rearmed={} \
          status_calls={} tightest_call_ratio={:.2} stop_s={stop_s:.1} down_s={down_s:.1} start_s={start_s:.1} \
          ready_after_back_s={recovered_s:.1} recovered_s={:.1} drain_s={drain_s:.1} \
          broker_dlx_stalled_tiers={dlx_stalled} broker_held_checks_max={held_max} held_released_after_drain_s={held_released_s:.0} total_s={:.0}",

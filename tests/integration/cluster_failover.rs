@@ -1,7 +1,9 @@
 //! The broker node list (`rabbitmq.urls`) without a cluster: nodes that do not answer are skipped
 //! at start, and losing the node in use moves the connection to the next one in the list, which
 //! redeclares the topology and confirms the publishes that were in flight. Two cuttable proxies in
-//! front of the one real broker play two nodes. The three-node cluster itself is exercised by
+//! front of the one real broker play two nodes. A nacked publish is re-sent on fresh channels for
+//! the confirm timeout (RabbitMQ 3.10 can leave a channel nacking a quorum queue after its leader
+//! died), then reported. The three-node cluster itself is exercised by
 //! `cargo test --test cluster -- --ignored` (tests/cluster).
 
 use std::collections::HashSet;
@@ -9,6 +11,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -158,7 +162,7 @@ async fn losing_the_node_in_use_moves_to_the_next_redeclares_and_confirms_publis
         .expect("channel")
         .queue_delete(
             topology.parking_queue().as_str().into(),
-            lapin::options::QueueDeleteOptions::default(),
+            QueueDeleteOptions::default(),
         )
         .await
         .expect("delete the parking queue");
@@ -228,6 +232,61 @@ async fn losing_the_node_in_use_moves_to_the_next_redeclares_and_confirms_publis
         .await
         .expect("the supervisor stops")
         .expect("the supervisor did not panic");
+    drop(publisher);
+    drop(broker);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_nacked_publish_is_resent_on_fresh_channels_for_the_confirm_timeout_then_reported() {
+    let env = TestEnv::new().await;
+    // A queue that refuses every message: the broker nacks each publish into it.
+    let full = format!("{}full", env.prefix);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    let channel = env.connection.create_channel().await.expect("channel");
+    channel
+        .queue_declare(full.as_str().into(), QueueDeclareOptions::default(), args)
+        .await
+        .expect("declare the full queue");
+    let mut options = options(&env, &[env.rabbitmq_url().to_owned()]);
+    options.confirm_timeout = Duration::from_millis(1500);
+    let broker = Broker::connect(options, env.topology())
+        .await
+        .expect("connects");
+    let stop = CancellationToken::new();
+    let publisher = Publisher::new(broker.clone(), stop.clone());
+
+    let started = Instant::now();
+    let err = publisher
+        .publish(&Envelope::to_queue(full.clone(), &request(0)))
+        .await
+        .expect_err("every attempt is nacked");
+    let took = started.elapsed();
+    assert!(
+        matches!(err, BrokerError::Nacked { .. }),
+        "reported as a nack: {err:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(10),
+        "re-sent for the confirm timeout (1.5 s), then reported; took {took:?}"
+    );
+    // The publisher still works afterwards.
+    publisher
+        .publish(&Envelope::to_queue(
+            env.topology().generation_queue(),
+            &request(1),
+        ))
+        .await
+        .expect("a publish elsewhere is confirmed");
+    stop.cancel();
+    let _ = channel
+        .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
+        .await;
     drop(publisher);
     drop(broker);
     env.cleanup().await;
