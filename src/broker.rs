@@ -751,7 +751,10 @@ async fn settle(
     let result = match outcome {
         Outcome::Ack => delivery.ack(BasicAckOptions::default()).await,
         Outcome::Park(reason) => {
-            warn!(queue = %incoming.queue, message_id = ?incoming.message_id, %reason, "parking message");
+            // The reason may quote a huge bad value: the log gets a bounded prefix, the header
+            // and the parked_messages row keep up to 1,000 characters.
+            let short = truncate(&reason, 300);
+            warn!(queue = %incoming.queue, message_id = ?incoming.message_id, reason = %short, "parking message");
             match publisher.park(incoming, &reason).await {
                 Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                 Err(e) => {

@@ -22,7 +22,6 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -1221,14 +1220,6 @@ pub fn assert_clean(cluster: &Cluster, books: &Books) {
     );
 }
 
-/// Shared with the fault tests: the allowance arithmetic in one place.
-pub fn fault_now(from: DateTime<Utc>) -> FaultWindow {
-    FaultWindow {
-        from,
-        to: Utc::now(),
-    }
-}
-
 /// Runs a blocking command (a service control tool) and returns whether it succeeded, with its
 /// output for messages.
 pub fn run_tool(program: &str, args: &[&str]) -> (bool, String) {
@@ -1244,9 +1235,6 @@ pub fn run_tool(program: &str, args: &[&str]) -> (bool, String) {
         Err(e) => (false, format!("cannot run {program}: {e}")),
     }
 }
-
-/// Shared state for a test's background sampler (e.g. readiness during an outage).
-pub type Shared<T> = Arc<std::sync::Mutex<T>>;
 
 /// Lines of this machine's broker logs (`/var/log/rabbitmq/*.log`) that contain both needles.
 pub fn rabbit_log_lines(a: &str, b: &str) -> usize {

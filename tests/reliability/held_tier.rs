@@ -77,9 +77,7 @@ async fn a_delay_tier_held_by_the_broker_does_not_stall_tracking() {
         .await
         .expect("declare the topology again");
     let to = chrono::Utc::now();
-    let held_after = cluster.broker_held().await;
-    let held: u64 = held_after.iter().map(|(_, n)| n).sum();
-    note(run, &format!("tier held: {held_after:?}"));
+    note(run, "video.progress deleted and declared again");
 
     let drained = Instant::now();
     cluster.drain(&ids, Duration::from_secs(90)).await;
@@ -110,7 +108,7 @@ async fn a_delay_tier_held_by_the_broker_does_not_stall_tracking() {
         "Cannot forward any dead-letter messages",
     );
     figure(&format!(
-        "{run}: tasks={} faults=1 broker_logged_stall={stalled_logged} held_checks={held} still_held_at_end={still_held} lost={} \
+        "{run}: tasks={} faults=1 broker_logged_stall={stalled_logged} held_by_broker_at_end={still_held} lost={} \
          duplicates_dropped={} outcomes={:?} rearmed={} drain_s={drain_s:.1} total_s={:.0}",
         books.tasks,
         books.lost.len(),
@@ -119,12 +117,8 @@ async fn a_delay_tier_held_by_the_broker_does_not_stall_tracking() {
         counters.sum("video_progress_rearmed_total", ""),
         cluster.started.elapsed().as_secs_f64(),
     ));
-    let stalled = rabbit_log_lines(
-        &format!("'{tier}'"),
-        "Cannot forward any dead-letter messages",
-    );
     assert!(
-        stalled > 0 || held > 0,
+        stalled_logged > 0 || still_held > 0,
         "the tier was not held: the fault was not reproduced"
     );
     assert_clean(&cluster, &books);
