@@ -254,7 +254,8 @@ pub struct MachineInfo {
     pub concurrent_builds_end: Vec<String>,
     /// CPU steal over the whole run, percent.
     pub steal_pct: f64,
-    /// Host CPU used by processes outside the bench over the whole run, percent of all cores.
+    /// Host CPU used by processes outside the bench during the measured windows, percent of all
+    /// cores.
     pub other_cpu_pct: f64,
 }
 
@@ -2154,11 +2155,24 @@ async fn measure_all(
             concurrent_builds_start: machine_start.1,
             concurrent_builds_end: concurrent_builds(),
             steal_pct: run_cpu.steal_pct,
-            other_cpu_pct: if run_cpu.wall_secs > 0.0 {
+            other_cpu_pct: {
+                // Over the measured windows, where every process of ours is attributed.
                 let cpus = std::thread::available_parallelism().map_or(1, usize::from) as f64;
-                round2(run_cpu.other_cpu_secs / (run_cpu.wall_secs * cpus) * 100.0)
-            } else {
-                0.0
+                let windows: Vec<&CpuWindow> = steps
+                    .iter()
+                    .map(|w| &w.cpu)
+                    .chain(std::iter::once(&direct_window.cpu))
+                    .chain(saturation_steps.iter().map(|w| &w.cpu))
+                    .chain(std::iter::once(&half.cpu))
+                    .chain(memory.iter().map(|m| &m.window.cpu))
+                    .collect();
+                let wall: f64 = windows.iter().map(|c| c.wall_secs).sum();
+                let other: f64 = windows.iter().map(|c| c.other_cpu_secs).sum();
+                if wall > 0.0 {
+                    round2(other / (wall * cpus) * 100.0)
+                } else {
+                    0.0
+                }
             },
         },
         config: RunConfig {
