@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{delivery_span, BrokerError, Handler, Incoming, Outcome, Publisher};
@@ -244,8 +244,6 @@ pub struct ProgressTracker {
     per_key: KeyedLimiter,
     serial: KeyedLimiter,
     medians: StdMutex<HashMap<String, (Option<Duration>, Instant)>>,
-    /// Notified after every processed check (tests step on it instead of sleeping).
-    processed: Arc<Notify>,
     crash_at: Option<CrashPoint>,
 }
 
@@ -269,14 +267,8 @@ impl ProgressTracker {
             settings,
             webhooks,
             medians: StdMutex::new(HashMap::new()),
-            processed: Arc::new(Notify::new()),
             crash_at: CrashPoint::from_env(),
         }
-    }
-
-    /// Notified after each check.
-    pub fn processed(&self) -> Arc<Notify> {
-        self.processed.clone()
     }
 
     async fn median(&self, model: &str) -> Option<Duration> {
@@ -647,7 +639,6 @@ impl Handler for ProgressTracker {
             if result != "recirculated" {
                 count(result);
             }
-            self.processed.notify_waiters();
             Outcome::Ack
         }
         .instrument(span)
