@@ -484,18 +484,7 @@ impl GenerationOrchestrator {
             );
             return Ok(());
         }
-        if let (Some(provider), Some(id)) = (
-            self.providers.get(&task.provider),
-            task.provider_task_id.clone(),
-        ) {
-            match provider.cancel(&ProviderTask { id }).await {
-                Ok(CancelOutcome::Cancelled) => debug!("provider job cancelled"),
-                Ok(CancelOutcome::Unsupported) => {
-                    info!("provider cannot cancel; tracking stops, the job may run on")
-                }
-                Err(e) => warn!(error = %e, "provider cancel failed; tracking stops anyway"),
-            }
-        }
+        self.cancel_at_provider(&task).await;
         if !self
             .cancel(
                 &task.request_id,
@@ -610,14 +599,7 @@ impl GenerationOrchestrator {
                 .await
             }
             TaskOutcome::TimedOut => {
-                if let (Some(provider), Some(id)) = (
-                    self.providers.get(&task.provider),
-                    task.provider_task_id.clone(),
-                ) {
-                    if let Err(e) = provider.cancel(&ProviderTask { id }).await {
-                        warn!(error = %e, "could not cancel the timed-out provider job");
-                    }
-                }
+                self.cancel_at_provider(&task).await;
                 self.fail(
                     &task.request_id,
                     "timed out",
@@ -638,6 +620,23 @@ impl GenerationOrchestrator {
                 .await?;
                 Ok(())
             }
+        }
+    }
+
+    /// Best-effort cancel of the task's provider job: tracking stops whatever the provider says.
+    async fn cancel_at_provider(&self, task: &Task) {
+        let (Some(provider), Some(id)) = (
+            self.providers.get(&task.provider),
+            task.provider_task_id.clone(),
+        ) else {
+            return;
+        };
+        match provider.cancel(&ProviderTask { id }).await {
+            Ok(CancelOutcome::Cancelled) => debug!("provider job cancelled"),
+            Ok(CancelOutcome::Unsupported) => {
+                info!("provider cannot cancel; tracking stops, the job may run on")
+            }
+            Err(e) => warn!(error = %e, "provider cancel failed; tracking stops anyway"),
         }
     }
 
