@@ -160,7 +160,7 @@ enum TopologyAction {
 
 #[derive(Debug, Subcommand)]
 enum ConfigAction {
-    /// Print the effective configuration with secrets redacted; fail on invalid values.
+    /// Print the effective configuration as TOML with secrets redacted; fail on invalid values.
     Check,
 }
 
@@ -206,8 +206,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             action: ConfigAction::Check,
         } => {
             let settings = load_settings()?;
-            println!("{}", settings.redacted());
-            println!("configuration OK (environment `{}`)", settings.environment);
+            let toml = settings
+                .redacted()
+                .context("writing the configuration as TOML")?;
+            // Comments only around the TOML, so stdout stays a loadable config file.
+            println!("# Effective configuration, secrets redacted: put back the `***` passwords");
+            println!("# and `[REDACTED]` values before loading this as a config file.\n");
+            print!("{toml}");
+            println!(
+                "\n# configuration OK (environment `{}`)",
+                settings.environment
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::SimProvider {

@@ -4,15 +4,18 @@
 //! directory), `config/default.toml` and `config/{APP_ENVIRONMENT}.toml` in the working
 //! directory when present, the file named by `APP_CONFIG_FILE`, then `APP__SECTION__KEY`
 //! environment variables. Every value is checked once at start; an error names the key.
+//!
+//! [`Settings::redacted`] writes the loaded values back out as TOML (what `config check` prints),
+//! with passwords and keys replaced, so the output can be read or pasted back as a config file.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
-use crate::providers::{ProviderSettings, RoutingSettings};
+use crate::providers::{ProviderKind, ProviderSettings, RoutingSettings};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -49,7 +52,7 @@ impl ConfigError {
 }
 
 /// The whole configuration, one struct per section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Settings {
     /// Deployment environment name (`APP_ENVIRONMENT`), e.g. `local` or `production`.
     #[serde(skip)]
@@ -75,7 +78,7 @@ pub struct Settings {
     /// Graceful shutdown.
     pub shutdown: ShutdownSettings,
     /// Video providers by name.
-    #[serde(default)]
+    #[serde(default, serialize_with = "providers_redacted")]
     pub providers: HashMap<String, ProviderSettings>,
     /// Model to provider routing.
     #[serde(default)]
@@ -83,12 +86,13 @@ pub struct Settings {
 }
 
 /// `[rabbitmq]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RabbitSettings {
     /// One broker URL (`amqp://` or `amqps://`).
+    #[serde(serialize_with = "url_redacted")]
     pub url: SecretString,
     /// A cluster's node list; when non-empty it replaces `url`.
-    #[serde(default)]
+    #[serde(default, serialize_with = "urls_redacted")]
     pub urls: Vec<SecretString>,
     /// Shown in the broker's connection list.
     pub connection_name: String,
@@ -112,9 +116,10 @@ impl RabbitSettings {
 }
 
 /// `[database]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct DatabaseSettings {
     /// `postgres://` URL; `?sslmode=require` and friends are honoured.
+    #[serde(serialize_with = "url_redacted")]
     pub url: SecretString,
     /// Pool size.
     pub max_connections: u32,
@@ -123,7 +128,7 @@ pub struct DatabaseSettings {
 }
 
 /// `[topology]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TopologySettings {
     /// Prepended verbatim to every exchange and queue name.
     #[serde(default)]
@@ -136,14 +141,14 @@ pub struct TopologySettings {
 }
 
 /// `[http]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HttpSettings {
     /// Address of `/healthz`, `/readyz`, `/metrics` and `/v1/tasks`.
     pub listen: SocketAddr,
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     /// One JSON object per line (production).
@@ -153,14 +158,14 @@ pub enum LogFormat {
 }
 
 /// `[log]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LogSettings {
     /// `json` or `pretty`.
     pub format: LogFormat,
 }
 
 /// `[generation]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct GenerationSettings {
     /// Prefetch on the `video.generation` queue.
     pub prefetch: u16,
@@ -181,7 +186,7 @@ pub struct GenerationSettings {
 }
 
 /// How checks are serialised inside one instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SerializeBy {
     /// One check at a time per task (default).
@@ -191,7 +196,7 @@ pub enum SerializeBy {
 }
 
 /// `[tracking]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TrackingSettings {
     /// First interval between checks.
     pub min_interval_ms: u64,
@@ -220,7 +225,7 @@ pub struct TrackingSettings {
 }
 
 /// `[outbox]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct OutboxSettings {
     /// Rows published per round.
     pub batch_size: i64,
@@ -229,9 +234,10 @@ pub struct OutboxSettings {
 }
 
 /// `[webhooks]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct WebhookSettings {
     /// HMAC-SHA256 key for `X-Webhook-Signature`.
+    #[serde(serialize_with = "secret_redacted")]
     pub secret: SecretString,
     /// Hosts allowed besides public ones (loopback and private addresses only when listed).
     #[serde(default)]
@@ -245,7 +251,7 @@ pub struct WebhookSettings {
 }
 
 /// `[shutdown]`
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ShutdownSettings {
     /// In-flight work gets this long after SIGTERM.
     pub grace_ms: u64,
@@ -256,6 +262,111 @@ impl ShutdownSettings {
     pub fn grace(&self) -> Duration {
         Duration::from_millis(self.grace_ms)
     }
+}
+
+/// What a set secret, or a URL that does not parse, is printed as.
+const REDACTED: &str = "[REDACTED]";
+
+/// A URL with its password replaced by `***`, for logs and `config check`.
+///
+/// A `password` query parameter (which libpq and sqlx accept) is masked the same way. A URL
+/// without a password comes back unchanged; one that does not parse comes back as
+/// `[REDACTED]`, since there is no telling where its password is.
+pub fn redact_url(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return REDACTED.to_owned();
+    };
+    let query_password = parsed
+        .query_pairs()
+        .any(|(k, _)| k.eq_ignore_ascii_case("password"));
+    if parsed.password().is_none() && !query_password {
+        return url.to_owned();
+    }
+    if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
+        return REDACTED.to_owned();
+    }
+    if query_password {
+        let pairs: Vec<(String, String)> = parsed
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.eq_ignore_ascii_case("password") {
+                    "***".into()
+                } else {
+                    v
+                };
+                (k.into_owned(), v.into_owned())
+            })
+            .collect();
+        parsed.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    parsed.to_string()
+}
+
+/// `serialize_with` for a URL secret: the URL without its password.
+fn url_redacted<S: Serializer>(url: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url.expose_secret()))
+}
+
+/// `serialize_with` for a list of URL secrets.
+fn urls_redacted<S: Serializer>(urls: &[SecretString], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| redact_url(u.expose_secret())))
+}
+
+/// `serialize_with` for any other secret: `[REDACTED]` when set, empty when not (so a
+/// missing key shows).
+fn secret_redacted<S: Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if secret.expose_secret().is_empty() {
+        ""
+    } else {
+        REDACTED
+    })
+}
+
+/// `[providers.<name>]` as written by [`Settings::redacted`]: `ProviderSettings` has no
+/// `Serialize` of its own, so it cannot be written out with its key by accident.
+#[derive(Serialize)]
+struct ProviderView<'a> {
+    kind: ProviderKind,
+    base_url: &'a str,
+    #[serde(serialize_with = "secret_redacted")]
+    api_key: &'a SecretString,
+    timeout_ms: u64,
+    max_concurrency: usize,
+    cancel_deletes: bool,
+}
+
+impl<'a> From<&'a ProviderSettings> for ProviderView<'a> {
+    fn from(p: &'a ProviderSettings) -> Self {
+        // No `..`: a new `ProviderSettings` field fails to compile here until it is printed too.
+        let ProviderSettings {
+            kind,
+            base_url,
+            api_key,
+            timeout_ms,
+            max_concurrency,
+            cancel_deletes,
+        } = p;
+        Self {
+            kind: *kind,
+            base_url,
+            api_key,
+            timeout_ms: *timeout_ms,
+            max_concurrency: *max_concurrency,
+            cancel_deletes: *cancel_deletes,
+        }
+    }
+}
+
+/// `serialize_with` for the providers, sorted by name so the output is stable.
+fn providers_redacted<S: Serializer>(
+    providers: &HashMap<String, ProviderSettings>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let sorted: BTreeMap<&str, ProviderView<'_>> = providers
+        .iter()
+        .map(|(name, p)| (name.as_str(), ProviderView::from(p)))
+        .collect();
+    sorted.serialize(s)
 }
 
 impl Settings {
@@ -435,9 +546,18 @@ impl Settings {
         Ok(())
     }
 
-    /// The effective configuration as TOML-like text, secrets redacted (`config check`).
-    pub fn redacted(&self) -> String {
-        format!("{self:#?}")
+    /// The effective configuration as TOML, secrets redacted (`config check`).
+    ///
+    /// Section and key names are those of `config/default.toml`, so the text loads back as a
+    /// config file. URL secrets keep everything but the password (`***`); other secrets read
+    /// `[REDACTED]` when set and `""` when not. The environment name is not a key: it comes
+    /// from `APP_ENVIRONMENT`.
+    ///
+    /// # Errors
+    /// Returns the serializer's error for a value TOML cannot hold (an integer above
+    /// `i64::MAX`).
+    pub fn redacted(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
     }
 }
 
@@ -546,18 +666,151 @@ mod tests {
         assert!(err.contains("sim"), "{err}");
     }
 
+    /// Settings from TOML texts alone (later wins), checked like `load_from` checks them.
+    fn from_toml(texts: &[&str]) -> Settings {
+        let mut builder = config::Config::builder();
+        for text in texts {
+            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
+        }
+        let settings: Settings = builder
+            .build()
+            .expect("TOML loads")
+            .try_deserialize()
+            .expect("TOML has every key");
+        settings.validate().expect("valid");
+        settings
+    }
+
     #[test]
-    fn secrets_are_redacted_in_debug_output() {
+    fn redacted_output_loads_back_as_the_same_configuration() {
+        // Away from every default, so a value that is dropped or misspelt cannot pass.
+        let overrides = r#"
+            [rabbitmq]
+            urls = ["amqp://u:pw-a@a:5672/%2f", "amqps://b.example:5671/vhost"]
+            [database]
+            url = "postgres://app:pw-db@db.example:5432/video?sslmode=require"
+            max_connections = 3
+            [topology]
+            prefix = "x."
+            partitions = 4
+            [http]
+            listen = "0.0.0.0:9090"
+            [log]
+            format = "pretty"
+            [tracking]
+            serialize_by = "virtual_key"
+            delay_tiers_ms = [500, 1500]
+            [webhooks]
+            secret = "whsec"
+            allowed_hosts = ["hooks.internal", "10.0.0.7"]
+            include_progress = true
+            [providers.rep]
+            kind = "replicate"
+            base_url = "https://api.replicate.com"
+            api_key = "r8-key"
+            cancel_deletes = true
+            [routing]
+            default_provider = "rep"
+            [[routing.models]]
+            model = "veo-3"
+            provider = "sim"
+        "#;
+        let original = from_toml(&[DEFAULT_TOML, overrides]);
+        let text = original.redacted().expect("renders");
+        text.parse::<toml::Table>()
+            .unwrap_or_else(|e| panic!("not TOML: {e}\n{text}"));
+
+        // The output alone, no defaults underneath: it must be a complete config file.
+        let reloaded = from_toml(&[&text]);
+        // Every non-secret value survives; secrets come back as their redacted form.
+        assert_eq!(reloaded.redacted().expect("renders"), text);
+        assert_eq!(reloaded.topology.prefix, "x.");
+        assert_eq!(reloaded.topology.partitions, 4);
+        assert_eq!(reloaded.database.max_connections, 3);
+        assert_eq!(reloaded.http.listen, original.http.listen);
+        assert_eq!(reloaded.log.format, LogFormat::Pretty);
+        assert_eq!(reloaded.tracking.serialize_by, SerializeBy::VirtualKey);
+        assert_eq!(reloaded.tracking.delay_tiers_ms, vec![500, 1500]);
+        assert_eq!(
+            reloaded.webhooks.allowed_hosts,
+            original.webhooks.allowed_hosts
+        );
+        assert!(reloaded.webhooks.include_progress);
+        let rep = &reloaded.providers["rep"];
+        assert_eq!(rep.kind, ProviderKind::Replicate);
+        assert!(rep.cancel_deletes);
+        assert_eq!(reloaded.providers.len(), original.providers.len());
+        assert_eq!(reloaded.routing.default_provider.as_deref(), Some("rep"));
+        assert_eq!(reloaded.routing.models.len(), 1);
+        assert_eq!(reloaded.routing.models[0].model, "veo-3");
+        assert_eq!(
+            reloaded.database.url.expose_secret(),
+            "postgres://app:***@db.example:5432/video?sslmode=require"
+        );
+        let urls: Vec<_> = reloaded
+            .rabbitmq
+            .urls
+            .iter()
+            .map(|u| u.expose_secret().to_owned())
+            .collect();
+        assert_eq!(
+            urls,
+            ["amqp://u:***@a:5672/%2f", "amqps://b.example:5671/vhost"]
+        );
+    }
+
+    #[test]
+    fn redacted_output_hides_every_secret() {
         let s = Settings::load_from(&env(&[
             (
                 "APP__RABBITMQ__URL",
-                "amqp://guest:hunter2@127.0.0.1:5672/%2f",
+                "amqp://guest:rabbit-pw@127.0.0.1:5672/%2f",
             ),
-            ("APP__PROVIDERS__SIM__API_KEY", "sk-verysecret"),
+            ("APP__DATABASE__URL", "postgres://u:hunter2@h/db"),
+            ("APP__PROVIDERS__SIM__API_KEY", "sk-secret-123"),
+            ("APP__WEBHOOKS__SECRET", "whsec-topsecret-456"),
         ]))
         .expect("valid");
-        let text = s.redacted();
-        assert!(!text.contains("hunter2"), "{text}");
-        assert!(!text.contains("sk-verysecret"), "{text}");
+        let text = s.redacted().expect("renders");
+        for secret in [
+            "rabbit-pw",
+            "hunter2",
+            "sk-secret-123",
+            "whsec-topsecret-456",
+        ] {
+            assert!(!text.contains(secret), "`{secret}` leaked:\n{text}");
+        }
+        assert!(text.contains(r#"url = "postgres://u:***@h/db""#), "{text}");
+        assert!(
+            text.contains(r#"url = "amqp://guest:***@127.0.0.1:5672/%2f""#),
+            "{text}"
+        );
+        assert!(text.contains(r#"secret = "[REDACTED]""#), "{text}");
+        assert!(text.contains(r#"api_key = "[REDACTED]""#), "{text}");
+    }
+
+    #[test]
+    fn an_unset_secret_prints_empty_so_it_shows_as_missing() {
+        let s = Settings::load_from(&[]).expect("defaults are valid");
+        let text = s.redacted().expect("renders");
+        assert!(text.contains("secret = \"\"\n"), "{text}");
+    }
+
+    #[test]
+    fn urls_lose_only_their_password() {
+        assert_eq!(
+            redact_url("amqps://user:s3cret@rabbit.example:5671/%2f"),
+            "amqps://user:***@rabbit.example:5671/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db.example/video?sslmode=require"),
+            "postgres://app@db.example/video?sslmode=require",
+            "no password: unchanged"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db.example/video?password=s3cret&sslmode=require"),
+            "postgres://app@db.example/video?password=***&sslmode=require"
+        );
+        assert_eq!(redact_url("not a url s3cret"), "[REDACTED]");
     }
 }
