@@ -51,6 +51,9 @@ enum HandleError {
     Store(#[from] StoreError),
     #[error("shutting down")]
     Shutdown,
+    /// A well-formed message the orchestrator will not act on: parked with this reason.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl From<sqlx::Error> for HandleError {
@@ -510,6 +513,36 @@ impl GenerationOrchestrator {
             warn!("provider outcome for an unknown task ignored");
             return Ok(());
         };
+        // Only the tracker sends outcomes, and it copies both fields from the row. Anything else
+        // is a forgery or a bug: park it for an operator instead of ending the task.
+        let mismatch = if task.virtual_key_id != f.virtual_key_id {
+            Some((
+                "virtual_key_mismatch",
+                "the virtual key does not own this task",
+            ))
+        } else if f
+            .provider_task_id
+            .as_deref()
+            .is_some_and(|id| task.provider_task_id.as_deref() != Some(id))
+        {
+            Some((
+                "provider_task_mismatch",
+                "the provider task id is not the task's",
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, text)) = mismatch {
+            warn!(
+                owner = %task.virtual_key_id,
+                provider_task_id = ?f.provider_task_id,
+                "provider outcome refused: {text}"
+            );
+            count_rejected(VideoProviderTaskFinished::NAME, reason);
+            return Err(HandleError::Refused(format!(
+                "provider outcome refused: {text}"
+            )));
+        }
         if task.status != TaskStatus::Processing {
             debug!(
                 status = task.status.as_str(),
@@ -797,6 +830,7 @@ impl Handler for GenerationOrchestrator {
             {
                 Ok(()) => Outcome::Ack,
                 Err(HandleError::Shutdown) => Outcome::Requeue,
+                Err(HandleError::Refused(reason)) => Outcome::Park(reason),
                 Err(HandleError::Store(e)) => {
                     warn!(error = %e, "database unavailable; message returned to the queue");
                     metrics::counter!("video_generation_errors_total", "kind" => "database")

@@ -22,6 +22,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod app;
+pub mod batching;
 pub mod bench;
 pub mod broker;
 pub mod cli;

@@ -322,6 +322,10 @@ pub struct VideoProviderTaskFinished {
     pub virtual_key_id: String,
     #[allow(missing_docs)]
     pub outcome: TaskOutcome,
+    /// The provider's id for the job the outcome is about. The tracker always sets it; the
+    /// generation orchestrator refuses an outcome whose id differs from the task's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_task_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[allow(missing_docs)]
     pub video_url: Option<String>,

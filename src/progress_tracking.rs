@@ -323,7 +323,7 @@ impl ProgressTracker {
         };
         let _serial = self.serial.acquire(serial_key).await;
 
-        let task = match self.store.get(&check.request_id).await {
+        let task = match self.store.get_for_check(&check.request_id).await {
             Ok(Some(t)) => t,
             Ok(None) => {
                 metrics::counter!("video_progress_orphaned_checks_total").increment(1);
@@ -409,6 +409,7 @@ impl ProgressTracker {
             request_id: task.request_id.clone(),
             virtual_key_id: task.virtual_key_id.clone(),
             outcome,
+            provider_task_id: task.provider_task_id.clone(),
             video_url: status.and_then(|s| s.video_url.clone()),
             video_url_expires_at: status.and_then(|s| s.video_url_expires_at),
             video_seconds: status.and_then(|s| s.video_seconds),

@@ -4,6 +4,8 @@
 //! changes again whatever instance races. The tracker's `check_sequence` only moves forward, by
 //! one conditional UPDATE that exactly one check can win.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,6 +13,7 @@ use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
+use crate::batching::Combiner;
 use crate::config::DatabaseSettings;
 use crate::messages::Envelope;
 
@@ -29,6 +32,10 @@ pub enum StoreError {
     /// A row holds a value this build does not know.
     #[error("database row: {0}")]
     Corrupt(String),
+    /// A batched statement (several checks' reads or writes in one) failed, or the caller that
+    /// ran it was cancelled.
+    #[error("database (batched): {0}")]
+    Batch(String),
 }
 
 /// Lifecycle status of a task.
@@ -270,6 +277,28 @@ pub struct CheckAdvance {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: PgPool,
+    checks: Arc<CheckBatches>,
+}
+
+/// The progress tracker's two statements per check, each combined across concurrent checks
+/// (see [`crate::batching`]): one round trip reads or advances many rows.
+#[derive(Debug)]
+struct CheckBatches {
+    loads: Combiner<String, Result<Option<Task>, String>>,
+    advances: Combiner<(String, CheckAdvance), Result<bool, String>>,
+}
+
+/// Batches at most this many checks; two batches of a kind run at once.
+const CHECK_BATCH_MAX: usize = 128;
+const CHECK_BATCH_EXECUTORS: usize = 2;
+
+impl CheckBatches {
+    fn new() -> Self {
+        Self {
+            loads: Combiner::new(CHECK_BATCH_EXECUTORS, CHECK_BATCH_MAX),
+            advances: Combiner::new(CHECK_BATCH_EXECUTORS, CHECK_BATCH_MAX),
+        }
+    }
 }
 
 /// Connect options from a settings URL.
@@ -301,12 +330,15 @@ impl Store {
             .connect_with(connect_options(settings)?)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     /// Wraps an existing pool (migrations must have run).
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            checks: Arc::new(CheckBatches::new()),
+        }
     }
 
     /// The pool.
@@ -338,6 +370,38 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?,
         )
+    }
+
+    /// Reads one task for a progress check: like [`Store::get`], but combined with the reads of
+    /// concurrent checks into one `= ANY($1)` query.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn get_for_check(&self, request_id: &str) -> Result<Option<Task>, StoreError> {
+        let pool = &self.pool;
+        self.checks
+            .loads
+            .run(request_id.to_owned(), |ids| async move {
+                let rows = sqlx::query_as::<_, Task>(
+                    "SELECT * FROM video_tasks WHERE request_id = ANY($1)",
+                )
+                .bind(&ids)
+                .fetch_all(pool)
+                .await;
+                match rows {
+                    Ok(rows) => {
+                        let by_id: HashMap<String, Task> = rows
+                            .into_iter()
+                            .map(|t| (t.request_id.clone(), t))
+                            .collect();
+                        ids.iter().map(|id| Ok(by_id.get(id).cloned())).collect()
+                    }
+                    Err(e) => ids.iter().map(|_| Err(e.to_string())).collect(),
+                }
+            })
+            .await
+            .unwrap_or_else(|| Err("the batch was cancelled".to_owned()))
+            .map_err(StoreError::Batch)
     }
 
     /// Inserts a task in `status` unless its request id exists.
@@ -530,26 +594,15 @@ impl Store {
         request_id: &str,
         advance: &CheckAdvance,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
-            "UPDATE video_tasks SET
-                 check_sequence = $2 + 1,
-                 checks_count = checks_count + 1,
-                 last_check_at = now(),
-                 next_check_at = $3,
-                 progress = GREATEST(progress, COALESCE($4, progress)),
-                 progress_status = COALESCE($5, progress_status),
-                 updated_at = now()
-             WHERE request_id = $1 AND check_sequence <= $2
-               AND status = 'processing' AND NOT tracking_stopped",
-        )
-        .bind(request_id)
-        .bind(advance.sequence)
-        .bind(advance.next_check_at)
-        .bind(advance.progress)
-        .bind(&advance.progress_status)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let pool = &self.pool;
+        self.checks
+            .advances
+            .run((request_id.to_owned(), advance.clone()), |ops| async move {
+                advance_checks(pool, ops).await
+            })
+            .await
+            .unwrap_or_else(|| Err("the batch was cancelled".to_owned()))
+            .map_err(StoreError::Batch)
     }
 
     /// Processing tasks whose next check is overdue by more than `grace`: each gets its sequence
@@ -655,6 +708,71 @@ impl Store {
             .filter(|s| s.is_finite() && *s > 0.0)
             .map(Duration::from_secs_f64))
     }
+}
+
+/// Advances many check chains in one statement per round; a request id that appears twice
+/// (never in one process, whose checks of a task are serial, but cheap to allow) goes in a later
+/// round, so each operation is answered for its own row. One answer per operation, in order.
+async fn advance_checks(
+    pool: &PgPool,
+    ops: Vec<(String, CheckAdvance)>,
+) -> Vec<Result<bool, String>> {
+    let mut answers: Vec<Option<Result<bool, String>>> = vec![None; ops.len()];
+    let mut left: Vec<usize> = (0..ops.len()).collect();
+    while !left.is_empty() {
+        let mut seen = HashSet::new();
+        let (round, later): (Vec<usize>, Vec<usize>) =
+            left.iter().partition(|&&i| seen.insert(ops[i].0.as_str()));
+        let ids: Vec<&str> = round.iter().map(|&i| ops[i].0.as_str()).collect();
+        let sequences: Vec<i64> = round.iter().map(|&i| ops[i].1.sequence).collect();
+        let next: Vec<Option<DateTime<Utc>>> =
+            round.iter().map(|&i| ops[i].1.next_check_at).collect();
+        let progress: Vec<Option<i16>> = round.iter().map(|&i| ops[i].1.progress).collect();
+        let statuses: Vec<Option<&str>> = round
+            .iter()
+            .map(|&i| ops[i].1.progress_status.as_deref())
+            .collect();
+        let advanced = sqlx::query_scalar::<_, String>(
+            "UPDATE video_tasks t SET
+                 check_sequence = u.sequence + 1,
+                 checks_count = t.checks_count + 1,
+                 last_check_at = now(),
+                 next_check_at = u.next_check_at,
+                 progress = GREATEST(t.progress, COALESCE(u.progress, t.progress)),
+                 progress_status = COALESCE(u.progress_status, t.progress_status),
+                 updated_at = now()
+             FROM unnest($1::text[], $2::int8[], $3::timestamptz[], $4::int2[], $5::text[])
+                  AS u(request_id, sequence, next_check_at, progress, progress_status)
+             WHERE t.request_id = u.request_id AND t.check_sequence <= u.sequence
+               AND t.status = 'processing' AND NOT t.tracking_stopped
+             RETURNING t.request_id",
+        )
+        .bind(&ids)
+        .bind(&sequences)
+        .bind(&next)
+        .bind(&progress)
+        .bind(&statuses)
+        .fetch_all(pool)
+        .await;
+        match advanced {
+            Ok(rows) => {
+                let rows: HashSet<String> = rows.into_iter().collect();
+                for &i in &round {
+                    answers[i] = Some(Ok(rows.contains(&ops[i].0)));
+                }
+            }
+            Err(e) => {
+                for &i in &round {
+                    answers[i] = Some(Err(e.to_string()));
+                }
+            }
+        }
+        left = later;
+    }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err("not run".to_owned())))
+        .collect()
 }
 
 /// The public view of a task (`status --json`, `GET /v1/tasks/{requestId}`).

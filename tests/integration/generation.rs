@@ -16,7 +16,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::app::Role;
 use video_orchestrator::client::{new_request, Client};
-use video_orchestrator::messages::{Meta, VideoGenerationRequested};
+use video_orchestrator::messages::{
+    Meta, TaskOutcome, VideoGenerationRequested, VideoProviderTaskFinished,
+};
 use video_orchestrator::providers::sim::SimHandle;
 use video_orchestrator::store::{Task, TaskStatus};
 
@@ -429,6 +431,60 @@ async fn a_cancel_from_another_virtual_key_is_refused_and_the_task_completes() {
     let task = h.task(&id).await;
     assert_eq!(task.status, TaskStatus::Completed);
     assert_eq!(task.virtual_key_id, "vk-owner");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_forged_provider_outcome_is_parked_and_the_task_completes() {
+    let h = Harness::start(4000).await;
+    let id = h
+        .submit(&new_request(
+            "vk-victim",
+            "sora-2",
+            "a video nobody else may end",
+        ))
+        .await;
+    expect_event(&h.events, STARTED, &id).await;
+    let topology = h.env.topology();
+    let forged = |virtual_key: &str, provider_task_id: Option<&str>| VideoProviderTaskFinished {
+        meta: Meta::new(),
+        request_id: id.clone(),
+        virtual_key_id: virtual_key.to_owned(),
+        outcome: TaskOutcome::Failed,
+        provider_task_id: provider_task_id.map(str::to_owned),
+        video_url: None,
+        video_url_expires_at: None,
+        video_seconds: None,
+        error: Some("forged".to_owned()),
+    };
+    for message in [
+        forged("vk-intruder", None),
+        forged("vk-victim", Some("someone-elses-job")),
+    ] {
+        h.client
+            .publisher()
+            .publish(&topology.event(&message))
+            .await
+            .expect("the broker confirms the forged outcome");
+    }
+
+    let parked = eventually(DONE, || async {
+        let list = h.env.store.list_parked(10).await.ok()?;
+        (list.len() >= 2).then_some(list)
+    })
+    .await
+    .expect("both forged outcomes are parked");
+    let mut reasons: Vec<&str> = parked.iter().map(|p| p.reason.as_str()).collect();
+    reasons.sort_unstable();
+    assert_eq!(parked.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("provider task id"), "{reasons:?}");
+    assert!(reasons[1].contains("virtual key"), "{reasons:?}");
+    assert_eq!(h.task(&id).await.status, TaskStatus::Processing);
+
+    let completed = expect_event(&h.events, COMPLETED, &id).await;
+    assert_envelope(&completed, &id, "vk-victim");
+    assert_eq!(count(&h.events, FAILED, &id), 0);
+    assert_eq!(h.task(&id).await.status, TaskStatus::Completed);
     h.stop().await;
 }
 

@@ -174,18 +174,29 @@ fn finished() -> impl Strategy<Value = VideoProviderTaskFinished> {
             Just(TaskOutcome::Cancelled),
             Just(TaskOutcome::TimedOut),
         ],
+        proptest::option::of(".{0,30}"),
         proptest::option::of(".{0,40}"),
         // Quarters are exact in binary, so the float survives JSON unchanged.
         proptest::option::of((0u32..100_000).prop_map(|q| f64::from(q) / 4.0)),
         proptest::option::of(".{0,40}"),
     )
         .prop_map(
-            |(meta, request_id, virtual_key_id, outcome, video_url, video_seconds, error)| {
+            |(
+                meta,
+                request_id,
+                virtual_key_id,
+                outcome,
+                provider_task_id,
+                video_url,
+                video_seconds,
+                error,
+            )| {
                 VideoProviderTaskFinished {
                     meta,
                     request_id,
                     virtual_key_id,
                     outcome,
+                    provider_task_id,
                     video_url,
                     video_url_expires_at: None,
                     video_seconds,
