@@ -453,3 +453,112 @@ async fn a_traceparent_is_carried_from_the_request_to_every_event_it_causes() {
     env.cleanup().await;
     sim.shutdown().await;
 }
+
+/// Runs `rabbitmqctl -q ARGS` on this machine's broker.
+async fn rabbitmqctl(args: &[&str]) {
+    let out = tokio::process::Command::new("timeout")
+        .args(["60", "rabbitmqctl", "-q"])
+        .args(args)
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `s` as a literal inside a RabbitMQ permission regex (PCRE).
+fn regex_literal(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escape = !c.is_ascii_alphanumeric();
+            escape.then_some('\\').into_iter().chain(std::iter::once(c))
+        })
+        .collect()
+}
+
+/// README "Who may publish what": with those permissions a client user can publish a request,
+/// and RabbitMQ refuses its forged provider outcome before any consumer sees it.
+#[tokio::test]
+async fn the_readme_topic_permissions_let_a_client_request_but_not_forge_an_outcome() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::uri::AMQPUri;
+
+    let env = TestEnv::new().await;
+    let topology = env.topology();
+    let _declared = env.broker().await;
+    let exchange = topology.events_exchange();
+    let user = format!("vo-client-{}", uuid::Uuid::new_v4().simple());
+    let own = format!("^{}orders\\.", regex_literal(&env.prefix));
+    let reach = format!(
+        "^({}|{}orders\\..*)$",
+        regex_literal(exchange.as_str()),
+        regex_literal(&env.prefix)
+    );
+    rabbitmqctl(&["add_user", &user, "client-password"]).await;
+    let outcome = async {
+        rabbitmqctl(&["set_permissions", "-p", "/", &user, &own, &reach, &reach]).await;
+        rabbitmqctl(&[
+            "set_topic_permissions",
+            "-p",
+            "/",
+            &user,
+            exchange.as_str(),
+            r"^video\.generation\.(requested|cancel_requested)$",
+            r"^video\.(generation|progress)\..*$",
+        ])
+        .await;
+        let mut uri: AMQPUri = env
+            .rabbitmq_url()
+            .parse()
+            .expect("the test broker URL parses");
+        uri.authority.userinfo.username = user.clone();
+        uri.authority.userinfo.password = "client-password".to_owned();
+        let connection =
+            lapin::Connection::connect_uri(uri, lapin::ConnectionProperties::default())
+                .await
+                .expect("the client user connects");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let publish = |routing_key: &'static str| {
+            let channel = channel.clone();
+            let exchange = exchange.clone();
+            async move {
+                channel
+                    .basic_publish(
+                        exchange.as_str().into(),
+                        routing_key.into(),
+                        BasicPublishOptions::default(),
+                        b"{}",
+                        BasicProperties::default(),
+                    )
+                    .await?
+                    .await
+            }
+        };
+        let request = publish("video.generation.requested").await;
+        let forged = publish("video.provider.task_finished").await;
+        let _ = connection.close(200, "done".into()).await;
+        (request, forged)
+    }
+    .await;
+    rabbitmqctl(&["delete_user", &user]).await;
+    env.cleanup().await;
+
+    let (request, forged) = outcome;
+    assert!(
+        request.expect("a request is accepted").is_ack(),
+        "the broker confirms the request"
+    );
+    let refused = format!("{:?}", forged.expect_err("the forged outcome is refused"));
+    assert!(
+        refused.to_ascii_uppercase().contains("ACCESS"),
+        "refused for access, not something else: {refused}"
+    );
+}
