@@ -23,8 +23,9 @@
 //!    that rate (chains beyond it are stopped through `tracking_stopped`, as the generation
 //!    orchestrator does) for the lag.
 //! 3. Memory: a fresh service process per task count (`--tasks-list`), at the shortest tier
-//!    interval that keeps the check rate under 70 % of saturation (1k at 1 s, 10k at 10 s, 100k at
-//!    60 s on this machine), RSS sampled through a window longer than one interval.
+//!    interval that keeps the check rate at or under the half-rate phase's (1k at 1 s, 10k at
+//!    10 s, 100k at 120 s on this machine: a memory point's topology gets longer tiers when the
+//!    configured ones are too short), RSS sampled through a window longer than one interval.
 //!
 //! # How figures are taken
 //! Checks per second from `video_progress_checks_total` deltas (outcomes `progressed`,
@@ -449,6 +450,21 @@ fn per_1000(cpu_secs: f64, count: f64) -> f64 {
     } else {
         (cpu_secs / count * 1000.0 * 10_000.0).round() / 10_000.0
     }
+}
+
+/// The configured tiers, plus longer ones (doubling the longest, up to 16×) until one keeps
+/// `tasks` checks under `budget` checks per second. A memory point's service runs on a topology
+/// of its own, so it can have tiers the deployment does not.
+pub fn memory_tiers(tasks: usize, budget_per_sec: f64, tiers: &[u64]) -> Vec<u64> {
+    let mut tiers = tiers.to_vec();
+    for _ in 0..4 {
+        let Some(&longest) = tiers.last() else { break };
+        if tasks as f64 * 1000.0 / longest as f64 <= budget_per_sec {
+            break;
+        }
+        tiers.push(longest * 2);
+    }
+    tiers
 }
 
 /// The shortest tier whose interval keeps `tasks` checks under `budget` checks per second (the
@@ -915,7 +931,14 @@ struct ServiceProc {
 }
 
 impl ServiceProc {
-    async fn start(ctx: &Ctx, prefix: &str, interval_ms: u64, label: &str) -> anyhow::Result<Self> {
+    /// `tiers`: the delay tiers of this service's (fresh) topology, when not the configured ones.
+    async fn start(
+        ctx: &Ctx,
+        prefix: &str,
+        interval_ms: u64,
+        tiers: Option<&[u64]>,
+        label: &str,
+    ) -> anyhow::Result<Self> {
         let http = free_port()?;
         let mut env: Vec<(String, String)> = vec![
             ("APP__TOPOLOGY__PREFIX".into(), prefix.to_owned()),
@@ -943,6 +966,10 @@ impl ServiceProc {
                     .unwrap_or_else(|_| crate::telemetry::DEFAULT_FILTER.to_owned()),
             ),
         ];
+        if let Some(tiers) = tiers {
+            let list: Vec<String> = tiers.iter().map(u64::to_string).collect();
+            env.push(("APP__TRACKING__DELAY_TIERS_MS".into(), list.join(",")));
+        }
         if ctx.settings.rabbitmq.urls.is_empty() {
             env.push((
                 "APP__RABBITMQ__URL".into(),
@@ -1674,6 +1701,8 @@ struct Ctx {
     sim_pid: Option<u32>,
     broker_pid: Option<u32>,
     prefixes: Vec<String>,
+    /// Prefixes whose topology has tiers other than the configured ones (memory points).
+    prefix_tiers: Vec<(String, Vec<u64>)>,
 }
 
 impl Ctx {
@@ -1784,6 +1813,7 @@ pub async fn run(settings: Settings, options: BenchOptions) -> anyhow::Result<Be
         sim_pid: None,
         broker_pid: broker_pid(),
         prefixes: Vec::new(),
+        prefix_tiers: Vec::new(),
     };
     say(format!(
         "run {} — database {}, logs in {}",
@@ -1801,6 +1831,9 @@ async fn cleanup(ctx: &Ctx) {
         for prefix in &ctx.prefixes {
             let mut settings = ctx.settings.clone();
             settings.topology.prefix = prefix.clone();
+            if let Some((_, tiers)) = ctx.prefix_tiers.iter().find(|(p, _)| p == prefix) {
+                settings.tracking.delay_tiers_ms = tiers.clone();
+            }
             let _ = Topology::from_settings(&settings).delete(&conn).await;
         }
         let _ = conn.close(200, "bench over".into()).await;
@@ -1971,7 +2004,7 @@ async fn measure_all(
     let tag = "thr";
     let prefix = format!("bench-{}-svc.", ctx.run_id);
     ctx.prefixes.push(prefix.clone());
-    let service = ServiceProc::start(ctx, &prefix, shortest, "throughput").await?;
+    let service = ServiceProc::start(ctx, &prefix, shortest, None, "throughput").await?;
     say(format!(
         "service pid {} (throughput, {} ms interval) on {}",
         service.pid(),
@@ -2062,11 +2095,14 @@ async fn measure_all(
     publisher_stop.cancel();
     drop(publisher);
 
-    // 3. Memory at each task count, one fresh service process each.
-    let budget = (saturated.checks_per_sec * 0.7).max(100.0);
+    // 3. Memory at each task count, one fresh service process each, at a rate no higher than
+    // the half-rate phase's (where the lag was measured): memory should follow the task count,
+    // not a backlog.
+    let budget = half.checks_per_sec.max(100.0);
     let mut memory = Vec::new();
     for &n in &opts.tasks_list {
-        let interval = memory_interval_ms(n, budget, &tracking.delay_tiers_ms);
+        let tiers = memory_tiers(n, budget, &tracking.delay_tiers_ms);
+        let interval = memory_interval_ms(n, budget, &tiers);
         let tag = format!("m{n}");
         let prefix = format!("bench-{}-m{n}.", ctx.run_id);
         ctx.prefixes.push(prefix.clone());
@@ -2074,7 +2110,14 @@ async fn measure_all(
             "memory: {n} tasks at {interval} ms — creating jobs"
         ));
         let jobs = create_jobs(ctx, n, 3_600_000).await?;
-        let service = ServiceProc::start(ctx, &prefix, interval, &tag).await?;
+        let extra_tiers = (tiers != tracking.delay_tiers_ms).then_some(tiers.as_slice());
+        if let Some(t) = extra_tiers {
+            ctx.prefix_tiers.push((prefix.clone(), t.to_vec()));
+            say(format!(
+                "memory: {n} tasks get longer tiers on their own topology: {t:?} ms"
+            ));
+        }
+        let service = ServiceProc::start(ctx, &prefix, interval, extra_tiers, &tag).await?;
         say(format!("service pid {} ({n} tasks)", service.pid()));
         let (_broker, publisher, publisher_stop) = publisher_for(ctx, &prefix).await?;
         let topology = {
@@ -2456,6 +2499,20 @@ video_progress_scheduling_lag_seconds_bucket{le="0.05"} 4
         assert_eq!(memory_interval_ms(10000, 1750.0, &tiers), 10000);
         assert_eq!(memory_interval_ms(100000, 1750.0, &tiers), 60000);
         assert_eq!(memory_interval_ms(1_000_000, 1750.0, &tiers), 60000);
+    }
+
+    #[test]
+    fn memory_tiers_grow_only_when_the_longest_is_too_busy() {
+        let tiers = [1000, 2000, 5000, 10000, 30000, 60000];
+        assert_eq!(memory_tiers(10_000, 1500.0, &tiers), tiers.to_vec());
+        let longer = memory_tiers(100_000, 1500.0, &tiers);
+        assert_eq!(longer.last(), Some(&120_000));
+        assert_eq!(memory_interval_ms(100_000, 1500.0, &longer), 120_000);
+        // Capped at 16× the longest configured tier.
+        assert_eq!(
+            memory_tiers(100_000_000, 1.0, &tiers).last(),
+            Some(&960_000)
+        );
     }
 
     #[test]

@@ -382,6 +382,8 @@ impl Store {
         self.checks
             .loads
             .run(request_id.to_owned(), |ids| async move {
+                metrics::histogram!("video_progress_db_batch_size", "statement" => "load")
+                    .record(ids.len() as f64);
                 let rows = sqlx::query_as::<_, Task>(
                     "SELECT * FROM video_tasks WHERE request_id = ANY($1)",
                 )
@@ -719,6 +721,8 @@ async fn advance_checks(
 ) -> Vec<Result<bool, String>> {
     let mut answers: Vec<Option<Result<bool, String>>> = vec![None; ops.len()];
     let mut left: Vec<usize> = (0..ops.len()).collect();
+    metrics::histogram!("video_progress_db_batch_size", "statement" => "advance")
+        .record(ops.len() as f64);
     while !left.is_empty() {
         let mut seen = HashSet::new();
         let (round, later): (Vec<usize>, Vec<usize>) =
