@@ -15,7 +15,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::providers::{ProviderKind, ProviderSettings, RoutingSettings};
+use crate::providers::{ProviderSettings, RoutingSettings};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -314,7 +314,10 @@ fn urls_redacted<S: Serializer>(urls: &[SecretString], s: S) -> Result<S::Ok, S:
 
 /// `serialize_with` for any other secret: `[REDACTED]` when set, empty when not (so a
 /// missing key shows).
-fn secret_redacted<S: Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn secret_redacted<S: Serializer>(
+    secret: &SecretString,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.serialize_str(if secret.expose_secret().is_empty() {
         ""
     } else {
@@ -322,49 +325,14 @@ fn secret_redacted<S: Serializer>(secret: &SecretString, s: S) -> Result<S::Ok, 
     })
 }
 
-/// `[providers.<name>]` as written by [`Settings::redacted`]: `ProviderSettings` has no
-/// `Serialize` of its own, so it cannot be written out with its key by accident.
-#[derive(Serialize)]
-struct ProviderView<'a> {
-    kind: ProviderKind,
-    base_url: &'a str,
-    #[serde(serialize_with = "secret_redacted")]
-    api_key: &'a SecretString,
-    timeout_ms: u64,
-    max_concurrency: usize,
-    cancel_deletes: bool,
-}
-
-impl<'a> From<&'a ProviderSettings> for ProviderView<'a> {
-    fn from(p: &'a ProviderSettings) -> Self {
-        // No `..`: a new `ProviderSettings` field fails to compile here until it is printed too.
-        let ProviderSettings {
-            kind,
-            base_url,
-            api_key,
-            timeout_ms,
-            max_concurrency,
-            cancel_deletes,
-        } = p;
-        Self {
-            kind: *kind,
-            base_url,
-            api_key,
-            timeout_ms: *timeout_ms,
-            max_concurrency: *max_concurrency,
-            cancel_deletes: *cancel_deletes,
-        }
-    }
-}
-
 /// `serialize_with` for the providers, sorted by name so the output is stable.
 fn providers_redacted<S: Serializer>(
     providers: &HashMap<String, ProviderSettings>,
     s: S,
 ) -> Result<S::Ok, S::Error> {
-    let sorted: BTreeMap<&str, ProviderView<'_>> = providers
+    let sorted: BTreeMap<&str, &ProviderSettings> = providers
         .iter()
-        .map(|(name, p)| (name.as_str(), ProviderView::from(p)))
+        .map(|(name, p)| (name.as_str(), p))
         .collect();
     sorted.serialize(s)
 }
@@ -564,6 +532,7 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::providers::ProviderKind;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -379,7 +379,8 @@ impl Store {
     /// Database errors.
     pub async fn get_for_check(&self, request_id: &str) -> Result<Option<Task>, StoreError> {
         let pool = &self.pool;
-        self.checks
+        let answer = self
+            .checks
             .loads
             .run(request_id.to_owned(), |ids| async move {
                 metrics::histogram!("video_progress_db_batch_size", "statement" => "load")
@@ -401,9 +402,8 @@ impl Store {
                     Err(e) => ids.iter().map(|_| Err(e.to_string())).collect(),
                 }
             })
-            .await
-            .unwrap_or_else(|| Err("the batch was cancelled".to_owned()))
-            .map_err(StoreError::Batch)
+            .await;
+        batched(answer)
     }
 
     /// Inserts a task in `status` unless its request id exists.
@@ -597,14 +597,14 @@ impl Store {
         advance: &CheckAdvance,
     ) -> Result<bool, StoreError> {
         let pool = &self.pool;
-        self.checks
+        let answer = self
+            .checks
             .advances
             .run((request_id.to_owned(), advance.clone()), |ops| async move {
                 advance_checks(pool, ops).await
             })
-            .await
-            .unwrap_or_else(|| Err("the batch was cancelled".to_owned()))
-            .map_err(StoreError::Batch)
+            .await;
+        batched(answer)
     }
 
     /// Processing tasks whose next check is overdue by more than `grace`: each gets its sequence
@@ -710,6 +710,14 @@ impl Store {
             .filter(|s| s.is_finite() && *s > 0.0)
             .map(Duration::from_secs_f64))
     }
+}
+
+/// A combined statement's answer as a store result (`None`: the caller running the batch was
+/// cancelled before it answered).
+fn batched<T>(answer: Option<Result<T, String>>) -> Result<T, StoreError> {
+    answer
+        .unwrap_or_else(|| Err("the batch was cancelled".to_owned()))
+        .map_err(StoreError::Batch)
 }
 
 /// Advances many check chains in one statement per round; a request id that appears twice

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 /// One configured provider (`providers.<name>` in the configuration).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ProviderSettings {
     /// Which protocol the provider speaks.
     pub kind: ProviderKind,
@@ -43,7 +43,7 @@ pub struct ProviderSettings {
     pub base_url: String,
     /// Sent as `Authorization: Bearer <key>`; no header is sent when empty. Never logged:
     /// `SecretString`'s `Debug` prints `[REDACTED]`.
-    #[serde(default)]
+    #[serde(default, serialize_with = "crate::config::secret_redacted")]
     pub api_key: SecretString,
     /// Per HTTP request timeout (connect + response), also the longest wait for a concurrency
     /// permit.
