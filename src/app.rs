@@ -11,7 +11,6 @@ use std::future::Future;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
@@ -202,7 +201,7 @@ impl Application {
                 queue: topology.generation_queue(),
                 prefetch: settings.generation.prefetch,
                 limit: Arc::new(Semaphore::new(settings.generation.concurrency)),
-                requeue_delay: Duration::from_secs(1),
+                retry_budget: Some(settings.generation.retry_max()),
             };
             consumers.spawn(consume(
                 broker.clone(),

@@ -24,7 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{watch, Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn, Instrument};
+use tracing::{debug, error, info, warn};
 
 pub use crate::config::redact_url;
 use crate::messages::Envelope;
@@ -38,6 +38,21 @@ pub const ORIGINAL_QUEUE_HEADER: &str = "x-original-queue";
 pub const PARKED_AT_HEADER: &str = "x-parked-at";
 /// W3C trace context header.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// Our own count of delayed retries a message has had. RabbitMQ 4.x no longer reads `x-death`
+/// on republished messages, and a retry is a new publish, so the count travels in a header.
+pub const RETRY_ATTEMPT_HEADER: &str = "x-retry-attempt";
+/// RFC 3339 time of the first transient failure: the retry budget runs from it.
+pub const RETRY_FIRST_AT_HEADER: &str = "x-retry-first-at";
+/// Why the last attempt failed.
+pub const RETRY_REASON_HEADER: &str = "x-retry-reason";
+/// Headers a consumer sets itself and does not carry over to a retry or a parked copy.
+const OWN_HEADERS: [&str; 5] = [
+    VIRTUAL_KEY_HEADER,
+    TRACEPARENT_HEADER,
+    RETRY_ATTEMPT_HEADER,
+    RETRY_FIRST_AT_HEADER,
+    RETRY_REASON_HEADER,
+];
 
 /// Broker failures callers branch on.
 #[derive(Debug, thiserror::Error)]
@@ -498,21 +513,13 @@ impl Publisher {
         if !delivery.exchange.is_empty() {
             extra.push(("x-original-exchange".to_owned(), delivery.exchange.clone()));
         }
-        let message = Envelope {
-            exchange: String::new(),
-            routing_key: self.broker.topology().parking_queue(),
-            body: delivery.body.clone(),
-            message_id: delivery
-                .message_id
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            message_type: delivery.message_type.clone().unwrap_or_default(),
-            correlation_id: delivery.correlation_id.clone().unwrap_or_default(),
-            virtual_key: delivery.virtual_key.clone().unwrap_or_default(),
-            traceparent: delivery.traceparent.clone(),
-            extra_headers: extra,
-            mandatory: true,
-        };
+        if delivery.retry_attempt > 0 {
+            extra.push((
+                RETRY_ATTEMPT_HEADER.to_owned(),
+                delivery.retry_attempt.to_string(),
+            ));
+        }
+        let message = delivery.copy_to(self.broker.topology().parking_queue(), extra);
         self.publish(&message).await?;
         if let Some(sink) = &self.park_sink {
             sink.record(delivery, reason).await;
@@ -557,9 +564,71 @@ pub struct Incoming {
     pub traceparent: Option<String>,
     /// Redelivered after a crash or a nack.
     pub redelivered: bool,
+    /// Times the broker returned it to the queue (`x-delivery-count`, quorum queues).
+    pub delivery_count: u32,
+    /// Delayed retries it has had ([`RETRY_ATTEMPT_HEADER`]).
+    pub retry_attempt: u32,
+    /// When it first failed for a transient reason ([`RETRY_FIRST_AT_HEADER`]).
+    pub retry_first_at: Option<chrono::DateTime<Utc>>,
+    /// Every other string header, carried over to retries and parked copies.
+    pub headers: Vec<(String, String)>,
 }
 
 impl Incoming {
+    /// A delivery of `body` from `queue` with no properties (tests, tools).
+    pub fn bare(queue: &str, body: Vec<u8>) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            exchange: String::new(),
+            routing_key: String::new(),
+            body,
+            message_id: None,
+            message_type: None,
+            correlation_id: None,
+            virtual_key: None,
+            traceparent: None,
+            redelivered: false,
+            delivery_count: 0,
+            retry_attempt: 0,
+            retry_first_at: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// How many times this message has been handed to a consumer, this time included.
+    pub fn deliveries(&self) -> u32 {
+        self.retry_attempt
+            .saturating_add(self.delivery_count)
+            .saturating_add(1)
+    }
+
+    /// A copy for `queue` (through the default exchange): same body, properties and foreign
+    /// headers, plus `extra`. The `type` falls back to the routing key, which is how a sender
+    /// without the property named the message.
+    fn copy_to(&self, queue: String, extra: Vec<(String, String)>) -> Envelope {
+        let mut extra_headers = self.headers.clone();
+        extra_headers.extend(extra);
+        Envelope {
+            exchange: String::new(),
+            routing_key: queue,
+            body: self.body.clone(),
+            message_id: self
+                .message_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            message_type: self
+                .message_type
+                .clone()
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| self.routing_key.clone()),
+            correlation_id: self.correlation_id.clone().unwrap_or_default(),
+            virtual_key: self.virtual_key.clone().unwrap_or_default(),
+            traceparent: self.traceparent.clone(),
+            extra_headers,
+            mandatory: true,
+        }
+    }
+
     fn from_delivery(queue: &str, d: &lapin::message::Delivery) -> Self {
         let header = |name: &str| -> Option<String> {
             d.properties.headers().as_ref().and_then(|h| {
@@ -587,7 +656,55 @@ impl Incoming {
             virtual_key: header(VIRTUAL_KEY_HEADER),
             traceparent: header(TRACEPARENT_HEADER),
             redelivered: d.redelivered,
+            delivery_count: d
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(&ShortString::from("x-delivery-count")))
+                .and_then(amqp_uint)
+                .unwrap_or(0),
+            retry_attempt: header(RETRY_ATTEMPT_HEADER)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            retry_first_at: header(RETRY_FIRST_AT_HEADER)
+                .and_then(|v| chrono::DateTime::parse_from_rfc3339(&v).ok())
+                .map(|t| t.with_timezone(&Utc)),
+            headers: d
+                .properties
+                .headers()
+                .as_ref()
+                .map(|h| {
+                    h.inner()
+                        .iter()
+                        .filter(|(k, _)| {
+                            let k = k.as_str();
+                            // The broker's dead-lettering history belongs to that hop.
+                            !OWN_HEADERS.contains(&k)
+                                && !k.starts_with("x-first-death-")
+                                && !k.starts_with("x-last-death-")
+                        })
+                        .filter_map(|(k, v)| match v {
+                            AMQPValue::LongString(s) => Some((k.to_string(), s.to_string())),
+                            AMQPValue::ShortString(s) => Some((k.to_string(), s.to_string())),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
+    }
+}
+
+fn amqp_uint(v: &AMQPValue) -> Option<u32> {
+    match v {
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(*n),
+        AMQPValue::ShortInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+        AMQPValue::ShortShortInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
+        _ => None,
     }
 }
 
@@ -598,8 +715,13 @@ pub enum Outcome {
     Ack,
     /// Poison or unprocessable: park with this reason, then acknowledge. Never requeued.
     Park(String),
-    /// Not done because a dependency is down (database): give it back to the queue after a pause.
-    Requeue,
+    /// Failed for a transient reason (database down): moved into a delayed retry queue, then
+    /// acknowledged; parked with the reason once the consumer's retry budget is spent. Never
+    /// requeued: on RabbitMQ 4.x each requeue burns one of a quorum queue's deliveries.
+    Retry(String),
+    /// Not started because the process is stopping: returned to the queue at once, for another
+    /// instance (a redelivery the delivery limit allows for).
+    Return,
 }
 
 /// Handles one delivery. Implementations decode, act, and say what to do with the message.
@@ -618,8 +740,9 @@ pub struct ConsumerSpec {
     /// Bounds deliveries handled at once; share one semaphore between consumers to bound them
     /// together (all partitions of an instance).
     pub limit: Arc<Semaphore>,
-    /// Pause before requeueing a delivery whose handler asked for it.
-    pub requeue_delay: Duration,
+    /// How long a message may keep failing with [`Outcome::Retry`] before it is parked; `None`
+    /// when the queue has no retry tiers (a retry is parked at once).
+    pub retry_budget: Option<Duration>,
 }
 
 /// Consumes `spec.queue` until `stop` fires, resubscribing after connection loss. Each delivery is
@@ -701,20 +824,11 @@ async fn consume_on<H: Handler>(
         let incoming = Incoming::from_delivery(&spec.queue, &delivery);
         let publisher = publisher.clone();
         let handler = handler.clone();
-        let requeue_delay = spec.requeue_delay;
-        let stop_task = stop.clone();
+        let retry_budget = spec.retry_budget;
         tracker.spawn(async move {
             let _permit = permit;
             let outcome = handler.handle(incoming.clone()).await;
-            settle(
-                &publisher,
-                &delivery,
-                &incoming,
-                outcome,
-                requeue_delay,
-                &stop_task,
-            )
-            .await;
+            settle(&publisher, &delivery, &incoming, outcome, retry_budget).await;
         });
     };
     // Hand-over order: stop pulling, let in-flight handlers finish and settle, then cancel the
@@ -733,9 +847,25 @@ async fn settle(
     delivery: &lapin::message::Delivery,
     incoming: &Incoming,
     outcome: Outcome,
-    requeue_delay: Duration,
-    stop: &CancellationToken,
+    retry_budget: Option<Duration>,
 ) {
+    metrics::histogram!("video_message_deliveries", "queue" => incoming.queue.clone())
+        .record(f64::from(incoming.deliveries()));
+    let outcome = match (outcome, retry_budget) {
+        (Outcome::Retry(reason), Some(budget)) => {
+            match publisher.retry(incoming, &reason, budget).await {
+                Ok(RetryScheduled::Yes) => Outcome::Ack,
+                Ok(RetryScheduled::BudgetSpent(reason)) => Outcome::Park(reason),
+                Err(e) => {
+                    // Only the broker itself failing gets here; it returns the message.
+                    error!(error = %e, "could not schedule a retry; returning the message");
+                    Outcome::Return
+                }
+            }
+        }
+        (Outcome::Retry(reason), None) => Outcome::Park(reason),
+        (other, _) => other,
+    };
     let result = match outcome {
         Outcome::Ack => delivery.ack(BasicAckOptions::default()).await,
         Outcome::Park(reason) => {
@@ -747,33 +877,84 @@ async fn settle(
                 Ok(()) => delivery.ack(BasicAckOptions::default()).await,
                 Err(e) => {
                     error!(error = %e, "could not park message; returning it to the queue");
-                    delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await
+                    return_to_queue(delivery).await
                 }
             }
         }
-        Outcome::Requeue => {
-            // Pause so a dependency outage does not become a hot redelivery loop; on shutdown
-            // return it at once.
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = tokio::time::sleep(requeue_delay) => {}
-            }
-            delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await
-        }
+        Outcome::Retry(_) | Outcome::Return => return_to_queue(delivery).await,
     };
     if let Err(e) = result {
         // The channel is gone: the broker returns the delivery to the queue by itself.
         debug!(error = %e, "could not settle delivery (channel closed); broker will redeliver");
+    }
+}
+
+/// Gives a delivery back to the queue. Only for a process that stops or a broker that fails:
+/// each return counts towards the queue's delivery limit.
+async fn return_to_queue(delivery: &lapin::message::Delivery) -> Result<bool, lapin::Error> {
+    delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        })
+        .await
+}
+
+/// What [`Publisher::retry`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryScheduled {
+    /// A copy waits in a retry queue.
+    Yes,
+    /// The message has been failing for longer than the budget: park it with this reason.
+    BudgetSpent(String),
+}
+
+impl Publisher {
+    /// Publishes a copy of `delivery` into the retry tier of its next attempt, with the attempt
+    /// count, the first failure's time and `reason` in headers. The caller acknowledges the
+    /// original once this returns `Yes`.
+    ///
+    /// # Errors
+    /// When the broker does not confirm the copy (the caller must not ack then).
+    pub async fn retry(
+        &self,
+        delivery: &Incoming,
+        reason: &str,
+        budget: Duration,
+    ) -> Result<RetryScheduled, BrokerError> {
+        let now = crate::messages::now();
+        let first = delivery.retry_first_at.unwrap_or(now);
+        let failing_for = (now - first).to_std().unwrap_or_default();
+        if failing_for >= budget {
+            return Ok(RetryScheduled::BudgetSpent(format!(
+                "still failing after {} retries over {} s (generation.retry_max_ms): {reason}",
+                delivery.retry_attempt,
+                failing_for.as_secs()
+            )));
+        }
+        let attempt = delivery.retry_attempt.saturating_add(1);
+        let topology = self.broker.topology();
+        let tier = topology.retry_tier(attempt);
+        let extra = vec![
+            (RETRY_ATTEMPT_HEADER.to_owned(), attempt.to_string()),
+            (
+                RETRY_FIRST_AT_HEADER.to_owned(),
+                crate::messages::rfc3339(first),
+            ),
+            (RETRY_REASON_HEADER.to_owned(), truncate(reason, 1000)),
+        ];
+        let copy = delivery.copy_to(topology.retry_queue(tier), extra);
+        self.publish(&copy).await?;
+        metrics::counter!("video_message_retries_total", "queue" => delivery.queue.clone())
+            .increment(1);
+        info!(
+            queue = %delivery.queue,
+            attempt,
+            retry_in_ms = tier,
+            reason = %truncate(reason, 300),
+            "transient failure; retrying after a delay"
+        );
+        Ok(RetryScheduled::Yes)
     }
 }
 
@@ -788,14 +969,6 @@ pub fn delivery_span(incoming: &Incoming) -> tracing::Span {
         virtual_key = incoming.virtual_key.as_deref().unwrap_or(""),
         traceparent = incoming.traceparent.as_deref().unwrap_or(""),
     )
-}
-
-/// Instruments `fut` with [`delivery_span`].
-pub fn in_delivery_span<F: Future>(
-    incoming: &Incoming,
-    fut: F,
-) -> tracing::instrument::Instrumented<F> {
-    fut.instrument(delivery_span(incoming))
 }
 
 /// The W3C `traceparent` for what a message causes: the same trace id with a new parent id, or a

@@ -138,6 +138,23 @@ pub struct TopologySettings {
     /// `x-quorum-initial-group-size`; 0 lets the broker decide.
     #[serde(default)]
     pub quorum_group_size: u32,
+    /// `x-delivery-limit` on every queue the service consumes from: a message returned this many
+    /// times (crashes, shutdowns) is dead-lettered into `video.parking` instead of looping. The
+    /// same number on RabbitMQ 3.10 (no default limit) and 4.x (default 20).
+    pub delivery_limit: u32,
+    /// Where the delivery limit and dead-letter target of consumed queues come from.
+    pub consumer_queue_limits: QueueLimits,
+}
+
+/// How consumed queues get their delivery limit and dead-letter target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueLimits {
+    /// Declared as queue arguments (new deployments).
+    Arguments,
+    /// Left to a broker policy: for queues declared by an earlier version, whose arguments cannot
+    /// change on redeclare (README, "Moving queues to delivery limits").
+    Policy,
 }
 
 /// `[http]`
@@ -183,6 +200,22 @@ pub struct GenerationSettings {
     pub submit_backoff_max_ms: u64,
     /// A task still `pending` this long after creation is re-driven by the sweeper.
     pub pending_grace_ms: u64,
+    /// Largest message body accepted on `video.generation`, checked before parsing.
+    pub max_message_bytes: usize,
+    /// Largest `metadata` of a request, as JSON.
+    pub max_metadata_bytes: usize,
+    /// Delays of the retry queues `video.generation.retry.{ms}`: the n-th retry of a message that
+    /// failed for a transient reason waits the n-th tier (the last one from then on).
+    pub retry_tiers_ms: Vec<u64>,
+    /// How long a message may keep failing for transient reasons before it is parked.
+    pub retry_max_ms: u64,
+}
+
+impl GenerationSettings {
+    /// [`Self::retry_max_ms`] as a duration.
+    pub fn retry_max(&self) -> Duration {
+        Duration::from_millis(self.retry_max_ms)
+    }
 }
 
 /// How checks are serialised inside one instance.
@@ -485,6 +518,31 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "tracking.lease_ttl_ms",
                 "must be longer than tracking.lease_heartbeat_ms (and the heartbeat above 0)",
+            ));
+        }
+        let g = &self.generation;
+        let mut sorted = g.retry_tiers_ms.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if g.retry_tiers_ms.is_empty()
+            || g.retry_tiers_ms.contains(&0)
+            || sorted != g.retry_tiers_ms
+        {
+            return Err(ConfigError::invalid(
+                "generation.retry_tiers_ms",
+                "needs at least one tier, strictly increasing, none of them 0",
+            ));
+        }
+        if g.max_message_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "generation.max_message_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.topology.delivery_limit == 0 {
+            return Err(ConfigError::invalid(
+                "topology.delivery_limit",
+                "must be at least 1",
             ));
         }
         if self.generation.submit_max_attempts == 0 {

@@ -6,6 +6,7 @@
 //! publishes them. Nothing about running tasks is held in memory: any instance can handle any
 //! message, so a cancel works wherever it lands.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,72 @@ pub struct GenerationOrchestrator {
     webhooks: WebhookSettings,
     relay_wake: Arc<Notify>,
     stop: CancellationToken,
+    gate: DatabaseGate,
+}
+
+/// While the database is known to be down, handlers wait here for it instead of failing one
+/// message after another (each failure would cost a delayed retry). One waiter probes at a time.
+#[derive(Debug, Default)]
+struct DatabaseGate {
+    down: AtomicBool,
+    probe: tokio::sync::Mutex<()>,
+}
+
+/// How long a delivery waits at a closed gate before it goes to a delayed retry instead. Well
+/// under RabbitMQ's `consumer_timeout` (30 min by default), which closes a channel that holds a
+/// delivery unacknowledged for longer.
+const GATE_HOLD: Duration = Duration::from_secs(120);
+/// Pause between probes of a database that is down.
+const GATE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a delivery did not pass the gate.
+enum GateClosed {
+    Stopping,
+    StillDown,
+}
+
+impl DatabaseGate {
+    fn close(&self) {
+        if !self.down.swap(true, Ordering::Relaxed) {
+            warn!("database unavailable; holding generation messages until it answers");
+        }
+    }
+
+    /// Returns at once unless the database is known to be down; then waits until a probe
+    /// succeeds, `stop` fires or `hold` has passed.
+    async fn pass(
+        &self,
+        store: &Store,
+        stop: &CancellationToken,
+        hold: Duration,
+    ) -> Result<(), GateClosed> {
+        let deadline = tokio::time::Instant::now() + hold;
+        while self.down.load(Ordering::Relaxed) {
+            let probe = tokio::select! {
+                _ = stop.cancelled() => return Err(GateClosed::Stopping),
+                _ = tokio::time::sleep_until(deadline) => return Err(GateClosed::StillDown),
+                guard = self.probe.lock() => guard,
+            };
+            if !self.down.load(Ordering::Relaxed) {
+                break;
+            }
+            let up = tokio::time::timeout(Duration::from_secs(5), store.ping())
+                .await
+                .unwrap_or(false);
+            if up {
+                self.down.store(false, Ordering::Relaxed);
+                info!("database answers again; handling generation messages");
+                break;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return Err(GateClosed::Stopping),
+                _ = tokio::time::sleep_until(deadline) => return Err(GateClosed::StillDown),
+                _ = tokio::time::sleep(GATE_PROBE_EVERY) => {}
+            }
+            drop(probe);
+        }
+        Ok(())
+    }
 }
 
 /// Why a message could not be handled now.
@@ -85,6 +152,7 @@ impl GenerationOrchestrator {
             webhooks,
             relay_wake,
             stop,
+            gate: DatabaseGate::default(),
         }
     }
 
@@ -807,6 +875,15 @@ impl Handler for GenerationOrchestrator {
     async fn handle(&self, incoming: Incoming) -> Outcome {
         let span = delivery_span(&incoming);
         async {
+            if incoming.body.len() > self.settings.max_message_bytes {
+                metrics::counter!("video_poison_messages_total", "queue" => "generation")
+                    .increment(1);
+                return Outcome::Park(format!(
+                    "body is {} bytes; the limit is {} (generation.max_message_bytes)",
+                    incoming.body.len(),
+                    self.settings.max_message_bytes
+                ));
+            }
             let command = match GenerationCommand::decode(
                 incoming.message_type.as_deref(),
                 &incoming.routing_key,
@@ -823,19 +900,30 @@ impl Handler for GenerationOrchestrator {
             span.record("request_id", command.request_id());
             span.record("virtual_key", command.virtual_key_id());
             span.record("message_type", command.name());
+            match self.gate.pass(&self.store, &self.stop, GATE_HOLD).await {
+                Ok(()) => {}
+                Err(GateClosed::Stopping) => return Outcome::Return,
+                Err(GateClosed::StillDown) => {
+                    return Outcome::Retry("database unavailable".to_owned())
+                }
+            }
             let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
-            match self
-                .dispatch(command, Some(traceparent), incoming.redelivered)
-                .await
-            {
+            // A retry is our own message coming back: resume it like a redelivery.
+            let redelivered = incoming.redelivered || incoming.retry_attempt > 0;
+            match self.dispatch(command, Some(traceparent), redelivered).await {
                 Ok(()) => Outcome::Ack,
-                Err(HandleError::Shutdown) => Outcome::Requeue,
+                Err(HandleError::Shutdown) => Outcome::Return,
                 Err(HandleError::Refused(reason)) => Outcome::Park(reason),
-                Err(HandleError::Store(e)) => {
-                    warn!(error = %e, "database unavailable; message returned to the queue");
+                Err(HandleError::Store(e)) if e.is_transient() => {
+                    self.gate.close();
                     metrics::counter!("video_generation_errors_total", "kind" => "database")
                         .increment(1);
-                    Outcome::Requeue
+                    Outcome::Retry(format!("database unavailable: {e}"))
+                }
+                Err(HandleError::Store(e)) => {
+                    metrics::counter!("video_generation_errors_total", "kind" => "data")
+                        .increment(1);
+                    Outcome::Park(format!("the database refused the message's data: {e}"))
                 }
             }
         }

@@ -466,6 +466,59 @@ pub enum DecodeError {
         /// Why.
         reason: String,
     },
+    /// A value PostgreSQL or AMQP cannot hold (a NUL character, an id over
+    /// [`MAX_ID_BYTES`]): never retried, refused at once.
+    #[error("field `{field}`: {reason}")]
+    Unstorable {
+        /// Path of the field.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Longest `requestId` / `virtualKeyId`, in bytes. Both travel as AMQP short strings
+/// (`correlation_id`, at most 255 bytes) and as PostgreSQL keys; 200 leaves room for prefixes.
+pub const MAX_ID_BYTES: usize = 200;
+
+/// The first string (or object key) in `value` that holds a NUL character, as a field path.
+/// PostgreSQL refuses `0x00` in `text` and `jsonb`, so such a message can never be stored.
+fn nul_path(value: &serde_json::Value, path: &str) -> Option<String> {
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        serde_json::Value::String(s) => s.contains('\0').then(|| path.to_owned()),
+        serde_json::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_path(v, &format!("{path}[{i}]"))),
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some(join(k))
+            } else {
+                nul_path(v, &join(k))
+            }
+        }),
+        _ => None,
+    }
+}
+
+fn check_id(field: &str, value: &str) -> Result<(), DecodeError> {
+    if value.len() > MAX_ID_BYTES {
+        return Err(DecodeError::Unstorable {
+            field: field.to_owned(),
+            reason: format!(
+                "{} bytes long; the limit is {MAX_ID_BYTES} (it travels as an AMQP short string)",
+                value.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Decodes a body into `M`, checking the version.
@@ -504,7 +557,13 @@ pub fn decode<M: Message>(body: &[u8]) -> Result<M, DecodeError> {
             }
         },
     }
-    serde_path_to_error::deserialize::<_, M>(&value).map_err(|e| {
+    if let Some(field) = nul_path(&value, "") {
+        return Err(DecodeError::Unstorable {
+            field,
+            reason: "contains a NUL character, which PostgreSQL cannot store".to_owned(),
+        });
+    }
+    let message = serde_path_to_error::deserialize::<_, M>(&value).map_err(|e| {
         let mut path = e.path().to_string();
         let inner = e.into_inner().to_string();
         // A bad value in a field of the flattened `Meta` (`messageId`, `occurredAt`) is reported
@@ -530,7 +589,10 @@ pub fn decode<M: Message>(body: &[u8]) -> Result<M, DecodeError> {
             field,
             reason: inner,
         }
-    })
+    })?;
+    check_id("requestId", message.request_id())?;
+    check_id("virtualKeyId", message.virtual_key_id())?;
+    Ok(message)
 }
 
 /// Serialises a message body.

@@ -192,7 +192,7 @@ impl PartitionManager {
             queue: self.broker.topology().partition_queue(partition),
             prefetch: self.settings.prefetch,
             limit: self.limit.clone(),
-            requeue_delay: Duration::from_millis(500),
+            retry_budget: None,
         };
         let handle = tokio::spawn(consume(
             self.broker.clone(),

@@ -38,6 +38,34 @@ pub enum StoreError {
     Batch(String),
 }
 
+impl StoreError {
+    /// True when the same statement may work later: the database is unreachable, restarting,
+    /// overloaded, or lost a serialisation race. False for what it will never accept: data
+    /// exceptions (SQLSTATE class 22, e.g. `0x00` in text), integrity violations (23) and
+    /// statements this build got wrong (42); retrying those would only loop.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Database(e) => match e {
+                sqlx::Error::Database(db) => {
+                    let code = db.code();
+                    let class = code.as_deref().map(|c| &c[..c.len().min(2)]);
+                    !matches!(class, Some("22" | "23" | "42" | "0A" | "2B" | "44"))
+                }
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::BeginFailed => true,
+                _ => false,
+            },
+            Self::Migrate(_) | Self::Batch(_) => true,
+            Self::Corrupt(_) => false,
+        }
+    }
+}
+
 /// Lifecycle status of a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

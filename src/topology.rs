@@ -7,7 +7,10 @@
 //!   `video.progress.p{i}` (quorum, single-active-consumer);
 //! - `video.progress.delay.{ms}` (quorum, fixed TTL, at-least-once dead-lettering back into
 //!   `video.progress`, reject-publish on overflow): broker-side delays;
-//! - `video.parking` (quorum): poison and unprocessable messages.
+//! - `video.generation.retry.{ms}` (quorum, fixed TTL, dead-lettering back into
+//!   `video.generation`): delayed retries of messages that failed for a transient reason;
+//! - `video.parking` (quorum): poison and unprocessable messages, and whatever a consumed queue
+//!   dead-letters at its delivery limit.
 
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
@@ -16,7 +19,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ExchangeKind};
 
-use crate::config::Settings;
+use crate::config::{QueueLimits, Settings};
 use crate::messages::{Envelope, Message};
 
 /// The header the consistent-hash exchange hashes: the virtual key.
@@ -39,6 +42,27 @@ pub enum TopologyError {
         /// What the configuration says.
         configured: u16,
     },
+    /// The broker has no `x-consistent-hash` exchange type: the plugin is off.
+    #[error(
+        "RabbitMQ lacks the consistent-hash exchange type: enable it with \
+         `rabbitmq-plugins enable rabbitmq_consistent_hash_exchange` (docker-compose.yml in this \
+         repository enables it)"
+    )]
+    ConsistentHashMissing,
+    /// A consumed queue exists without the delivery limit and dead-letter target this version
+    /// declares (queue arguments cannot change on redeclare).
+    #[error(
+        "queue `{name}` exists without the delivery limit and dead-letter arguments this version \
+         declares; apply the policy in README \"Moving queues to delivery limits\" and set \
+         topology.consumer_queue_limits = \"policy\" (broker said: {source})"
+    )]
+    LegacyQueue {
+        /// The queue.
+        name: String,
+        /// The broker's answer.
+        #[source]
+        source: lapin::Error,
+    },
     /// An existing queue or exchange was declared with other arguments.
     #[error("declaring `{name}` failed (does it exist with other arguments?): {source}")]
     Declare {
@@ -59,8 +83,14 @@ pub struct Topology {
     prefix: String,
     partitions: u16,
     delay_tiers_ms: Vec<u64>,
+    retry_tiers_ms: Vec<u64>,
     quorum_group_size: u32,
+    delivery_limit: u32,
+    queue_limits: QueueLimits,
 }
+
+/// Retry tiers of [`Topology::new`] (the configuration's defaults).
+const DEFAULT_RETRY_TIERS_MS: [u64; 4] = [1000, 5000, 30000, 120000];
 
 impl Topology {
     /// From explicit values (tests and benches).
@@ -69,7 +99,10 @@ impl Topology {
             prefix: prefix.into(),
             partitions,
             delay_tiers_ms,
+            retry_tiers_ms: DEFAULT_RETRY_TIERS_MS.to_vec(),
             quorum_group_size: 0,
+            delivery_limit: 20,
+            queue_limits: QueueLimits::Arguments,
         }
     }
 
@@ -79,7 +112,10 @@ impl Topology {
             prefix: settings.topology.prefix.clone(),
             partitions: settings.topology.partitions,
             delay_tiers_ms: settings.tracking.delay_tiers_ms.clone(),
+            retry_tiers_ms: settings.generation.retry_tiers_ms.clone(),
             quorum_group_size: settings.topology.quorum_group_size,
+            delivery_limit: settings.topology.delivery_limit,
+            queue_limits: settings.topology.consumer_queue_limits,
         }
     }
 
@@ -128,6 +164,26 @@ impl Topology {
         format!("{}video.parking", self.prefix)
     }
 
+    /// `video.generation.retry.{ms}`
+    pub fn retry_queue(&self, tier_ms: u64) -> String {
+        format!("{}video.generation.retry.{tier_ms}", self.prefix)
+    }
+
+    /// Retry tiers in milliseconds, ascending.
+    pub fn retry_tiers_ms(&self) -> &[u64] {
+        &self.retry_tiers_ms
+    }
+
+    /// The tier the `attempt`-th retry (1-based) waits in.
+    pub fn retry_tier(&self, attempt: u32) -> u64 {
+        let i = usize::try_from(attempt.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.retry_tiers_ms
+            .get(i)
+            .or(self.retry_tiers_ms.last())
+            .copied()
+            .unwrap_or(1000)
+    }
+
     /// The tier a delay goes into: the largest tier not above `delay_ms` (the smallest tier when
     /// every tier is longer).
     pub fn tier_at_most(&self, delay_ms: u64) -> u64 {
@@ -172,6 +228,7 @@ impl Topology {
         let mut queues = vec![self.generation_queue(), self.parking_queue()];
         queues.extend((0..self.partitions).map(|p| self.partition_queue(p)));
         queues.extend(self.delay_tiers_ms.iter().map(|t| self.delay_queue(*t)));
+        queues.extend(self.retry_tiers_ms.iter().map(|t| self.retry_queue(*t)));
         queues
     }
 
@@ -193,6 +250,44 @@ impl Topology {
             );
         }
         args
+    }
+
+    /// Arguments of a queue the service consumes: quorum, plus (unless a policy provides them) a
+    /// delivery limit whose overflow is dead-lettered, at least once, into `video.parking`. The
+    /// broker records why in the `x-death` / `x-first-death-reason` headers (`delivery_limit`).
+    fn consumed_queue_args(&self) -> FieldTable {
+        let mut args = self.quorum_args();
+        if self.queue_limits == QueueLimits::Arguments {
+            args.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongInt(i32::try_from(self.delivery_limit).unwrap_or(i32::MAX)),
+            );
+            self.dead_letter_to(&mut args, "", &self.parking_queue());
+        }
+        args
+    }
+
+    /// At-least-once dead-lettering (quorum queues, RabbitMQ ≥ 3.10) into `exchange` with
+    /// `routing_key`; it needs `reject-publish` overflow.
+    fn dead_letter_to(&self, args: &mut FieldTable, exchange: &str, routing_key: &str) {
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(exchange.into()),
+        );
+        if !routing_key.is_empty() {
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(routing_key.into()),
+            );
+        }
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
     }
 
     /// Declares everything; safe to run any number of times and from any number of instances.
@@ -243,9 +338,15 @@ impl Topology {
                 hash_args,
             )
             .await
-            .map_err(|source| TopologyError::Declare {
-                name: progress.clone(),
-                source,
+            .map_err(|source| {
+                if source.to_string().contains("unknown exchange type") {
+                    TopologyError::ConsistentHashMissing
+                } else {
+                    TopologyError::Declare {
+                        name: progress.clone(),
+                        source,
+                    }
+                }
             })?;
 
         let queue_opts = QueueDeclareOptions {
@@ -253,7 +354,13 @@ impl Topology {
             ..QueueDeclareOptions::default()
         };
         let generation = self.generation_queue();
-        declare_queue(&channel, &generation, queue_opts, self.quorum_args()).await?;
+        declare_consumed_queue(
+            &channel,
+            &generation,
+            queue_opts,
+            self.consumed_queue_args(),
+        )
+        .await?;
         for key in [
             crate::messages::VideoGenerationRequested::ROUTING_KEY,
             crate::messages::VideoGenerationCancelRequested::ROUTING_KEY,
@@ -272,9 +379,9 @@ impl Topology {
 
         for p in 0..self.partitions {
             let name = self.partition_queue(p);
-            let mut args = self.quorum_args();
+            let mut args = self.consumed_queue_args();
             args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-            declare_queue(&channel, &name, queue_opts, args).await?;
+            declare_consumed_queue(&channel, &name, queue_opts, args).await?;
             // For the consistent-hash exchange the binding key is the partition's weight.
             channel
                 .queue_bind(
@@ -294,18 +401,18 @@ impl Topology {
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(i64::try_from(*tier).unwrap_or(i64::MAX)),
             );
+            self.dead_letter_to(&mut args, &progress, "");
+            declare_queue(&channel, &name, queue_opts, args).await?;
+        }
+
+        for tier in &self.retry_tiers_ms {
+            let name = self.retry_queue(*tier);
+            let mut args = self.quorum_args();
             args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(progress.as_str().into()),
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(i64::try_from(*tier).unwrap_or(i64::MAX)),
             );
-            args.insert(
-                "x-dead-letter-strategy".into(),
-                AMQPValue::LongString("at-least-once".into()),
-            );
-            args.insert(
-                "x-overflow".into(),
-                AMQPValue::LongString("reject-publish".into()),
-            );
+            self.dead_letter_to(&mut args, "", &generation);
             declare_queue(&channel, &name, queue_opts, args).await?;
         }
 
@@ -396,6 +503,24 @@ async fn declare_queue(
             name: name.to_owned(),
             source,
         })
+}
+
+/// As [`declare_queue`], naming the migration when the queue predates delivery limits.
+async fn declare_consumed_queue(
+    channel: &lapin::Channel,
+    name: &str,
+    options: QueueDeclareOptions,
+    args: FieldTable,
+) -> Result<(), TopologyError> {
+    let limited = args.inner().contains_key("x-delivery-limit");
+    match declare_queue(channel, name, options, args).await {
+        Err(TopologyError::Declare { name, source })
+            if limited && source.to_string().contains("PRECONDITION_FAILED") =>
+        {
+            Err(TopologyError::LegacyQueue { name, source })
+        }
+        other => other,
+    }
 }
 
 /// A passive declare closes its channel when the queue is missing, so each probe gets its own.

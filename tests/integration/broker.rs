@@ -9,7 +9,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::broker::{
     self, BrokerError, ConsumerSpec, Handler, Incoming, Outcome, Publisher, ORIGINAL_QUEUE_HEADER,
-    PARKED_AT_HEADER, PARKED_REASON_HEADER,
+    PARKED_AT_HEADER, PARKED_REASON_HEADER, RETRY_ATTEMPT_HEADER,
 };
 use video_orchestrator::messages::{
     self, Envelope, Message, Meta, VideoGenerationRequested, VideoGenerationStarted,
@@ -135,7 +135,7 @@ async fn poison_messages_are_parked_with_a_reason_and_the_consumer_keeps_going()
             queue: generation.clone(),
             prefetch: 10,
             limit: Arc::new(Semaphore::new(1)),
-            requeue_delay: Duration::from_millis(100),
+            retry_budget: None,
         },
         handler.clone(),
         stop.clone(),
@@ -182,6 +182,140 @@ async fn poison_messages_are_parked_with_a_reason_and_the_consumer_keeps_going()
             .unwrap_or_else(|e| panic!("{id}: x-parked-at `{parked_at}`: {e}"));
         assert_eq!(&delivery.data, body, "{id}: the body is kept as it was");
     }
+    env.cleanup().await;
+}
+
+/// Fails every delivery for a transient reason until it has been retried `succeed_after` times;
+/// records each delivery's `(retry attempt, type, instant)`.
+#[derive(Debug)]
+struct FlakyHandler {
+    succeed_after: u32,
+    seen: Mutex<Vec<(u32, Option<String>, Instant)>>,
+    handled: Notify,
+}
+
+impl Handler for FlakyHandler {
+    async fn handle(&self, delivery: Incoming) -> Outcome {
+        self.seen.lock().unwrap().push((
+            delivery.retry_attempt,
+            delivery.message_type.clone(),
+            Instant::now(),
+        ));
+        self.handled.notify_waiters();
+        if delivery.retry_attempt >= self.succeed_after {
+            Outcome::Ack
+        } else {
+            Outcome::Retry("database unavailable (test)".to_owned())
+        }
+    }
+}
+
+async fn run_flaky(
+    env: &TestEnv,
+    succeed_after: u32,
+    budget: Duration,
+    until: impl Fn(&[(u32, Option<String>, Instant)]) -> bool,
+) -> Vec<(u32, Option<String>, Instant)> {
+    let broker = env.broker().await;
+    let generation = broker.topology().generation_queue();
+    // No `type` property: the routing key names the message, and a retry must keep that name.
+    env.publish_raw(
+        &broker.topology().events_exchange(),
+        VideoGenerationRequested::ROUTING_KEY,
+        &serde_json::to_vec(&request("req-flaky")).unwrap(),
+        BasicProperties::default().with_message_id("flaky-1".into()),
+    )
+    .await;
+    let handler = Arc::new(FlakyHandler {
+        succeed_after,
+        seen: Mutex::new(Vec::new()),
+        handled: Notify::new(),
+    });
+    let stop = CancellationToken::new();
+    let consumer = tokio::spawn(broker::consume(
+        broker.clone(),
+        Publisher::new(broker.clone(), stop.clone()),
+        ConsumerSpec {
+            queue: generation.clone(),
+            prefetch: 10,
+            limit: Arc::new(Semaphore::new(4)),
+            retry_budget: Some(budget),
+        },
+        handler.clone(),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !until(&handler.seen.lock().unwrap()) && Instant::now() < deadline {
+        let _ = tokio::time::timeout(Duration::from_millis(200), handler.handled.notified()).await;
+    }
+    // Let the last outcome settle before stopping.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    consumer.await.expect("the consumer did not panic");
+    let seen = handler.seen.lock().unwrap().clone();
+    seen
+}
+
+#[tokio::test]
+async fn a_transient_failure_waits_in_a_retry_queue_instead_of_being_requeued() {
+    let env = TestEnv::new().await;
+    let topology = env.topology();
+    let seen = run_flaky(&env, 2, Duration::from_secs(3600), |seen| seen.len() >= 3).await;
+    let attempts: Vec<u32> = seen.iter().map(|(a, _, _)| *a).collect();
+    assert_eq!(
+        attempts,
+        vec![0, 1, 2],
+        "each retry counts in our own header"
+    );
+    // The first retry waits the first tier (1 s), the second the second (5 s); a requeue would
+    // come back at once.
+    let first_wait = seen[1].2 - seen[0].2;
+    let second_wait = seen[2].2 - seen[1].2;
+    assert!(first_wait >= Duration::from_millis(900), "{first_wait:?}");
+    assert!(
+        second_wait >= Duration::from_millis(4500),
+        "{second_wait:?}"
+    );
+    assert_eq!(
+        seen[2].1.as_deref(),
+        Some(VideoGenerationRequested::ROUTING_KEY),
+        "the retried copy keeps the message's name"
+    );
+    assert_eq!(env.queue_depth(&topology.generation_queue()).await, 0);
+    for tier in topology.retry_tiers_ms() {
+        assert_eq!(env.queue_depth(&topology.retry_queue(*tier)).await, 0);
+    }
+    let parked = env
+        .drain_queue(&topology.parking_queue(), Duration::from_millis(500))
+        .await;
+    assert!(parked.is_empty(), "nothing parked");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_that_keeps_failing_past_its_budget_is_parked_with_the_reason() {
+    let env = TestEnv::new().await;
+    let topology = env.topology();
+    // Budget 500 ms: the first retry goes out (1 s), the second failure is past the budget.
+    let seen = run_flaky(&env, u32::MAX, Duration::from_millis(500), |seen| {
+        seen.len() >= 2
+    })
+    .await;
+    assert_eq!(seen.len(), 2, "one retry, then parked: {seen:?}");
+    let parked = env
+        .drain_queue(&topology.parking_queue(), Duration::from_secs(2))
+        .await;
+    assert_eq!(parked.len(), 1, "parked once");
+    let reason = header(&parked[0], PARKED_REASON_HEADER).expect("x-parked-reason");
+    assert!(
+        reason.contains("still failing after 1 retries") && reason.contains("database unavailable"),
+        "{reason}"
+    );
+    assert_eq!(
+        header(&parked[0], RETRY_ATTEMPT_HEADER).as_deref(),
+        Some("1")
+    );
+    assert_eq!(env.queue_depth(&topology.generation_queue()).await, 0);
     env.cleanup().await;
 }
 

@@ -21,6 +21,7 @@ fn explains_itself(e: &DecodeError) -> bool {
         DecodeError::UnsupportedVersion(_) => text.starts_with("field `version`"),
         DecodeError::UnknownType(t) => text.contains(t.as_str()),
         DecodeError::Invalid { field, .. } => !field.is_empty() && text.contains("field `"),
+        DecodeError::Unstorable { field, .. } => !field.is_empty() && text.contains("field `"),
     }
 }
 
