@@ -99,6 +99,15 @@ pub enum BrokerError {
         /// Last error.
         reason: String,
     },
+    /// The message can never be published (a property too long for AMQP, a body too large);
+    /// refused before sending.
+    #[error("message `{message_id}` cannot be published: {reason}")]
+    Unpublishable {
+        /// The message id (bounded).
+        message_id: String,
+        /// Why.
+        reason: String,
+    },
     /// The broker ended a consumer (queue deleted, channel closed).
     #[error("consumer on `{0}` ended")]
     ConsumerEnded(String),
@@ -417,9 +426,15 @@ impl Publisher {
     /// as long as the channel lives. A channel opened after the election works.
     ///
     /// # Errors
-    /// [`BrokerError::Nacked`], [`BrokerError::Unroutable`], [`BrokerError::Shutdown`], or
-    /// [`BrokerError::Unconfirmed`] after repeated failures.
+    /// [`BrokerError::Unpublishable`], [`BrokerError::Nacked`], [`BrokerError::Unroutable`],
+    /// [`BrokerError::Shutdown`], or [`BrokerError::Unconfirmed`] after repeated failures.
     pub async fn publish(&self, message: &Envelope) -> Result<(), BrokerError> {
+        if let Some(reason) = message.unpublishable() {
+            return Err(BrokerError::Unpublishable {
+                message_id: truncate(&message.message_id, 80),
+                reason,
+            });
+        }
         let mut attempt = 0u32;
         let started = std::time::Instant::now();
         loop {

@@ -51,7 +51,9 @@ async fn check_dependencies(settings: &Settings) -> anyhow::Result<()> {
     .await;
     match reachable {
         Ok(Ok(c)) => {
+            let plugin = ensure_consistent_hash(&c, url.expose_secret()).await;
             let _ = c.close(200, "probe".into()).await;
+            plugin?;
         }
         _ => anyhow::bail!(
             "RabbitMQ is not reachable at {rabbit}.\n  Start it with `docker compose up -d rabbitmq` \
@@ -71,6 +73,61 @@ async fn check_dependencies(settings: &Settings) -> anyhow::Result<()> {
              database."
         ),
     }
+}
+
+const PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
+
+/// The demo, and only the demo, turns the consistent-hash plugin on by itself: on a broker on
+/// this machine's loopback, with `rabbitmq-plugins` on PATH (a fresh machine runs RabbitMQ
+/// without it). `serve` and `topology declare` only say how.
+async fn ensure_consistent_hash(connection: &lapin::Connection, url: &str) -> anyhow::Result<()> {
+    if crate::topology::has_consistent_hash(connection).await? {
+        return Ok(());
+    }
+    let fix = format!("rabbitmq-plugins enable {PLUGIN}");
+    let local = url::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .is_some_and(|h| {
+            h == "localhost"
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+    if !local {
+        anyhow::bail!(
+            "RabbitMQ lacks the consistent-hash exchange type: run `{fix}` on the broker \
+             (docker-compose.yml in this repository enables it)"
+        );
+    }
+    println!(
+        "RabbitMQ lacks the consistent-hash exchange type; enabling it on the local broker: {fix}"
+    );
+    let output = tokio::process::Command::new("rabbitmq-plugins")
+        .args(["-q", "enable", PLUGIN])
+        .output()
+        .await;
+    match output {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => anyhow::bail!(
+            "`{fix}` failed ({}): {}; run it yourself (as the broker's user, e.g. with sudo)",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => anyhow::bail!(
+            "RabbitMQ lacks the consistent-hash exchange type and `rabbitmq-plugins` could not be \
+             run ({e}): run `{fix}` on the broker"
+        ),
+    }
+    // The plugin registers its exchange type a moment after the command returns.
+    for _ in 0..50 {
+        if crate::topology::has_consistent_hash(connection).await? {
+            println!("enabled {PLUGIN}");
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    anyhow::bail!("`{fix}` ran, but the broker still lacks the exchange type after 10 s")
 }
 
 /// Creates `name` next to the configured database; returns its URL.

@@ -430,6 +430,40 @@ impl Envelope {
         m
     }
 
+    /// Why the broker could never take this message, if it could not: AMQP short strings
+    /// (exchange, routing key, `message_id`, `type`, `correlation_id`, header names) hold 255
+    /// bytes, and RabbitMQ 4.x refuses bodies over 16 MiB by default (`max_message_size`).
+    /// Checked before publishing: such a publish would close the channel that other messages
+    /// share.
+    pub fn unpublishable(&self) -> Option<String> {
+        let short = [
+            ("exchange", self.exchange.as_str()),
+            ("routing key", self.routing_key.as_str()),
+            ("message_id", self.message_id.as_str()),
+            ("type", self.message_type.as_str()),
+            ("correlation_id", self.correlation_id.as_str()),
+        ];
+        let headers = self
+            .extra_headers
+            .iter()
+            .map(|(k, _)| ("a header name", k.as_str()));
+        for (what, value) in short.into_iter().chain(headers) {
+            if value.len() > MAX_SHORT_STRING {
+                return Some(format!(
+                    "{what} is {} bytes; AMQP holds at most {MAX_SHORT_STRING}",
+                    value.len()
+                ));
+            }
+        }
+        if self.body.len() > MAX_BODY_BYTES {
+            return Some(format!(
+                "body is {} bytes; RabbitMQ takes at most {MAX_BODY_BYTES} by default",
+                self.body.len()
+            ));
+        }
+        None
+    }
+
     /// Sets the trace context.
     #[must_use]
     pub fn with_traceparent(mut self, traceparent: Option<String>) -> Self {
@@ -476,6 +510,11 @@ pub enum DecodeError {
         reason: String,
     },
 }
+
+/// Longest AMQP short string, in bytes.
+pub const MAX_SHORT_STRING: usize = 255;
+/// Largest body RabbitMQ 4.x accepts by default (`max_message_size`).
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Longest `requestId` / `virtualKeyId`, in bytes. Both travel as AMQP short strings
 /// (`correlation_id`, at most 255 bytes) and as PostgreSQL keys; 200 leaves room for prefixes.

@@ -13,9 +13,37 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::broker::Publisher;
+use crate::broker::{BrokerError, Publisher};
 use crate::config::OutboxSettings;
 use crate::store::{OutboxRow, Store, StoreError};
+
+/// An unroutable mandatory row (a queue that is gone) is tried this often before it is parked:
+/// a redeclare may bring the queue back.
+const MAX_UNROUTABLE: i32 = 10;
+/// How old the oldest outbox row may get before the relay warns that it is stuck.
+const STUCK_AFTER_SECS: f64 = 60.0;
+
+/// What happened to one task's rows in a round.
+#[derive(Debug, Default)]
+struct TaskRows<'a> {
+    sent: Vec<i64>,
+    parked: Vec<(&'a OutboxRow, String)>,
+    deferred: Option<(&'a OutboxRow, String)>,
+}
+
+/// Wait before a failed row is tried again: 1 s, doubling, at most a minute.
+fn retry_delay(attempts: i32) -> Duration {
+    Duration::from_secs(1u64 << attempts.clamp(0, 6).unsigned_abs()).min(Duration::from_secs(60))
+}
+
+/// Ids in log lines stay short whatever a sender put in them.
+fn bounded(s: &str) -> &str {
+    let mut end = s.len().min(80);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
 
 /// Relay errors.
 #[derive(Debug, thiserror::Error)]
@@ -23,9 +51,6 @@ pub enum RelayError {
     /// Database.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Some rows could not be published; they stay in the outbox.
-    #[error("{0} outbox rows not confirmed by the broker; will retry")]
-    Unconfirmed(usize),
 }
 
 impl From<sqlx::Error> for RelayError {
@@ -61,9 +86,12 @@ impl OutboxRelay {
 
     /// Publishes one batch. Returns how many rows were sent.
     ///
+    /// A row the broker refuses waits (backoff per row) while other tasks' rows go on; the rows
+    /// of its own task wait behind it. A row that can never be published is parked with the
+    /// reason in `parked_messages`.
+    ///
     /// # Errors
-    /// Database errors, or [`RelayError::Unconfirmed`] when the broker did not confirm some rows
-    /// (those stay and are retried).
+    /// Database errors.
     pub async fn flush_once(&self) -> Result<usize, RelayError> {
         let mut tx = self.store.begin().await?;
         let rows = Store::claim_outbox(&mut tx, self.settings.batch_size).await?;
@@ -84,35 +112,54 @@ impl OutboxRelay {
                 None => by_task.push((row.envelope.correlation_id.as_str(), vec![row])),
             }
         }
-        let results = join_all(by_task.into_iter().map(|(_, list)| async move {
-            let mut sent = Vec::with_capacity(list.len());
-            let mut failed = 0;
-            for (i, row) in list.iter().enumerate() {
-                match self.publisher.publish(&row.envelope).await {
-                    Ok(()) => sent.push(row.id),
-                    Err(e) => {
-                        failed += list.len() - i;
-                        warn!(message_id = %row.envelope.message_id, error = %e, "outbox row not published");
-                        break;
-                    }
-                }
-            }
-            (sent, failed)
-        }))
+        let results = join_all(
+            by_task
+                .into_iter()
+                .map(|(_, list)| self.publish_in_order(list)),
+        )
         .await;
         let mut sent = Vec::with_capacity(rows.len());
-        let mut failed = 0;
-        for (ok, bad) in results {
-            sent.extend(ok);
-            failed += bad;
+        for result in results {
+            sent.extend(result.sent);
+            for (row, reason) in result.parked {
+                Store::park_outbox(&mut tx, row, &reason).await?;
+            }
+            if let Some((row, error)) = result.deferred {
+                Store::defer_outbox(&mut tx, row.id, &error, retry_delay(row.attempts)).await?;
+            }
         }
         Store::delete_outbox(&mut tx, &sent).await?;
         tx.commit().await?;
         metrics::counter!("video_outbox_published_total").increment(sent.len() as u64);
-        if failed > 0 {
-            return Err(RelayError::Unconfirmed(failed));
-        }
         Ok(sent.len())
+    }
+
+    /// One task's rows, in order, until one fails.
+    async fn publish_in_order<'a>(&self, list: Vec<&'a OutboxRow>) -> TaskRows<'a> {
+        let mut out = TaskRows::default();
+        for row in list {
+            match self.publisher.publish(&row.envelope).await {
+                Ok(()) => out.sent.push(row.id),
+                Err(e @ BrokerError::Unpublishable { .. }) => {
+                    warn!(message_id = %bounded(&row.envelope.message_id), error = %e, "outbox row parked: it can never be published");
+                    metrics::counter!("video_outbox_parked_total").increment(1);
+                    out.parked.push((row, e.to_string()));
+                }
+                Err(e @ BrokerError::Unroutable { .. }) if row.attempts + 1 >= MAX_UNROUTABLE => {
+                    warn!(message_id = %bounded(&row.envelope.message_id), error = %e, "outbox row parked: still unroutable");
+                    metrics::counter!("video_outbox_parked_total").increment(1);
+                    out.parked
+                        .push((row, format!("{e} ({MAX_UNROUTABLE} attempts)")));
+                }
+                Err(BrokerError::Shutdown) => break,
+                Err(e) => {
+                    warn!(message_id = %bounded(&row.envelope.message_id), attempts = row.attempts + 1, error = %e, "outbox row not published; it waits, other tasks go on");
+                    out.deferred = Some((row, e.to_string()));
+                    break;
+                }
+            }
+        }
+        out
     }
 
     /// Publishes until the outbox is empty (or an error).
@@ -134,7 +181,22 @@ impl OutboxRelay {
     pub async fn run(self, stop: CancellationToken, grace: Duration) {
         let poll = Duration::from_millis(self.settings.poll_interval_ms);
         let mut backoff = Duration::from_millis(100);
+        let mut age_checked = tokio::time::Instant::now() - Duration::from_secs(1);
+        let mut warned_stuck = false;
         loop {
+            if age_checked.elapsed() >= Duration::from_secs(1) {
+                age_checked = tokio::time::Instant::now();
+                if let Ok(age) = self.store.outbox_oldest_age_seconds().await {
+                    metrics::gauge!("video_outbox_oldest_age_seconds").set(age);
+                    if age > STUCK_AFTER_SECS && !warned_stuck {
+                        warn!(
+                            oldest_age_s = age.round(),
+                            "outbox relay is behind: its oldest row waits"
+                        );
+                    }
+                    warned_stuck = age > STUCK_AFTER_SECS;
+                }
+            }
             match self.drain().await {
                 Ok(n) => {
                     if n > 0 {

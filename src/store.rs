@@ -275,6 +275,8 @@ pub struct TransitionPatch {
 pub struct OutboxRow {
     /// Row id.
     pub id: i64,
+    /// Failed publishes so far.
+    pub attempts: i32,
     /// The message.
     pub envelope: Envelope,
 }
@@ -562,14 +564,23 @@ impl Store {
         tx: &mut Transaction<'_, Postgres>,
         limit: i64,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let rows = sqlx::query("SELECT * FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED")
-            .bind(limit)
-            .fetch_all(&mut **tx)
-            .await?;
+        // Due rows, unless an earlier row of the same task waits after a failure.
+        let rows = sqlx::query(
+            "SELECT * FROM outbox o
+             WHERE o.next_attempt_at <= now()
+               AND NOT EXISTS (SELECT 1 FROM outbox w
+                               WHERE w.correlation_id = o.correlation_id AND w.id < o.id
+                                 AND w.next_attempt_at > now())
+             ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut **tx)
+        .await?;
         rows.into_iter()
             .map(|r| {
                 Ok(OutboxRow {
                     id: r.try_get("id")?,
+                    attempts: r.try_get("attempts")?,
                     envelope: Envelope {
                         exchange: r.try_get("exchange")?,
                         routing_key: r.try_get("routing_key")?,
@@ -601,6 +612,77 @@ impl Store {
             .execute(&mut **tx)
             .await?;
         Ok(())
+    }
+
+    /// Puts a row that failed to publish back for `delay`, with the error.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn defer_outbox(
+        tx: &mut Transaction<'_, Postgres>,
+        id: i64,
+        error: &str,
+        delay: std::time::Duration,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = $2,
+                 next_attempt_at = now() + make_interval(secs => $3)
+             WHERE id = $1",
+        )
+        .bind(id)
+        .bind(error)
+        .bind(delay.as_secs_f64())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Moves an outbox row that can never be published into `parked_messages`, with the reason.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn park_outbox(
+        tx: &mut Transaction<'_, Postgres>,
+        row: &OutboxRow,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let e = &row.envelope;
+        let headers = serde_json::json!({
+            "type": e.message_type,
+            "correlation_id": e.correlation_id,
+            "x-virtual-key": e.virtual_key,
+            "traceparent": e.traceparent,
+        });
+        sqlx::query(
+            "INSERT INTO parked_messages
+                 (message_id, original_queue, original_exchange, routing_key, reason, headers, body)
+             VALUES ($1, 'outbox', $2, $3, $4, $5, $6)",
+        )
+        .bind(&e.message_id)
+        .bind(&e.exchange)
+        .bind(&e.routing_key)
+        .bind(reason)
+        .bind(headers)
+        .bind(&e.body)
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("DELETE FROM outbox WHERE id = $1")
+            .bind(row.id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Age of the oldest row in the outbox, in seconds (0 when empty).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn outbox_oldest_age_seconds(&self) -> Result<f64, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT COALESCE(EXTRACT(EPOCH FROM now() - min(created_at))::float8, 0) FROM outbox",
+        )
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Rows waiting in the outbox.

@@ -54,7 +54,7 @@ pub enum TopologyError {
     #[error(
         "queue `{name}` exists without the delivery limit and dead-letter arguments this version \
          declares; apply the policy in README \"Moving queues to delivery limits\" and set \
-         topology.consumer_queue_limits = \"policy\" (broker said: {source})"
+         topology.consumer_queue_limits = \"policy\""
     )]
     LegacyQueue {
         /// The queue.
@@ -64,7 +64,7 @@ pub enum TopologyError {
         source: lapin::Error,
     },
     /// An existing queue or exchange was declared with other arguments.
-    #[error("declaring `{name}` failed (does it exist with other arguments?): {source}")]
+    #[error("declaring `{name}` failed (does it exist with other arguments?)")]
     Declare {
         /// The exchange or queue.
         name: String,
@@ -545,6 +545,38 @@ pub async fn queue_exists(connection: &Connection, name: &str) -> Result<bool, l
             Ok(true)
         }
         Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether the broker knows the `x-consistent-hash` exchange type (plugin
+/// `rabbitmq_consistent_hash_exchange`): declares and deletes a probe exchange.
+///
+/// # Errors
+/// Broker errors other than the unknown exchange type.
+pub async fn has_consistent_hash(connection: &Connection) -> Result<bool, lapin::Error> {
+    let channel = connection.create_channel().await?;
+    let name = format!("vo-probe-{}", uuid::Uuid::new_v4().simple());
+    let declared = channel
+        .exchange_declare(
+            name.as_str().into(),
+            ExchangeKind::Custom("x-consistent-hash".into()),
+            ExchangeDeclareOptions {
+                auto_delete: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(()) => {
+            let _ = channel
+                .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+            let _ = channel.close(200, "probe".into()).await;
+            Ok(true)
+        }
+        Err(e) if e.to_string().contains("unknown exchange type") => Ok(false),
         Err(e) => Err(e),
     }
 }

@@ -1,3 +1,4 @@
+mod bad_input;
 mod broker;
 mod cluster_failover;
 mod generation;

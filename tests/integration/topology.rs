@@ -288,6 +288,11 @@ async fn declare_creates_exactly_the_listed_names_under_its_prefix() {
                     .iter()
                     .map(|ms| format!("video.progress.delay.{ms}")),
             )
+            .chain(
+                [1000, 5000, 30000, 120000]
+                    .iter()
+                    .map(|ms| format!("video.generation.retry.{ms}")),
+            )
             .map(|name| format!("{prefix}{name}"))
             .collect();
     assert_eq!(
@@ -568,5 +573,66 @@ async fn a_delayed_check_still_arrives_when_its_publisher_disconnects_right_afte
     assert_eq!(received.request_id, "req-delay-2");
 
     watcher.close().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_message_returned_past_the_delivery_limit_is_dead_lettered_into_parking() {
+    // The same on RabbitMQ 3.10 (no default limit) and 4.x (default 20): our explicit limit.
+    let env = TestEnv::with_env(&[("APP__TOPOLOGY__DELIVERY_LIMIT", "3")]).await;
+    let broker = env.broker().await;
+    let topology = broker.topology().clone();
+    let generation = topology.generation_queue();
+    env.publish_raw(
+        "",
+        &generation,
+        b"{}",
+        BasicProperties::default().with_message_id("looping".into()),
+    )
+    .await;
+    let channel = env.connection.create_channel().await.expect("channel");
+    let mut returns = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let got = channel
+            .basic_get(
+                generation.as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic.get");
+        match got {
+            Some(message) => {
+                message
+                    .delivery
+                    .nack(lapin::options::BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("nack");
+                returns += 1;
+            }
+            None if returns > 0 => break,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert!(
+        (3..=4).contains(&returns),
+        "returned {returns} times before the limit took it"
+    );
+    let parked = env
+        .drain_queue(&topology.parking_queue(), Duration::from_secs(2))
+        .await;
+    assert_eq!(parked.len(), 1, "dead-lettered into video.parking");
+    assert_eq!(
+        header(&parked[0], "x-first-death-reason").as_deref(),
+        Some("delivery_limit")
+    );
+    assert_eq!(
+        header(&parked[0], "x-first-death-queue").as_deref(),
+        Some(generation.as_str())
+    );
+    let _ = channel.close(200, "done".into()).await;
     env.cleanup().await;
 }
