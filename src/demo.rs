@@ -51,9 +51,8 @@ async fn check_dependencies(settings: &Settings) -> anyhow::Result<()> {
     .await;
     match reachable {
         Ok(Ok(c)) => {
-            let plugin = ensure_consistent_hash(&c, url.expose_secret()).await;
             let _ = c.close(200, "probe".into()).await;
-            plugin?;
+            ensure_consistent_hash(url.expose_secret()).await?;
         }
         _ => anyhow::bail!(
             "RabbitMQ is not reachable at {rabbit}.\n  Start it with `docker compose up -d rabbitmq` \
@@ -80,8 +79,15 @@ const PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
 /// The demo, and only the demo, turns the consistent-hash plugin on by itself: on a broker on
 /// this machine's loopback, with `rabbitmq-plugins` on PATH (a fresh machine runs RabbitMQ
 /// without it). `serve` and `topology declare` only say how.
-async fn ensure_consistent_hash(connection: &lapin::Connection, url: &str) -> anyhow::Result<()> {
-    if crate::topology::has_consistent_hash(connection).await? {
+async fn ensure_consistent_hash(url: &str) -> anyhow::Result<()> {
+    // A failed probe closes its connection (a hard error): each probe gets a new one.
+    let probe = || async {
+        let c = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await?;
+        let found = crate::topology::has_consistent_hash(&c).await;
+        let _ = c.close(200, "probe".into()).await;
+        anyhow::Ok(found?)
+    };
+    if probe().await? {
         return Ok(());
     }
     let fix = format!("rabbitmq-plugins enable {PLUGIN}");
@@ -121,7 +127,7 @@ async fn ensure_consistent_hash(connection: &lapin::Connection, url: &str) -> an
     }
     // The plugin registers its exchange type a moment after the command returns.
     for _ in 0..50 {
-        if crate::topology::has_consistent_hash(connection).await? {
+        if probe().await? {
             println!("enabled {PLUGIN}");
             return Ok(());
         }

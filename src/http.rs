@@ -36,6 +36,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                 })
                 .and_then(|b| {
                     b.set_buckets_for_metric(
+                        Matcher::Full("video_message_deliveries".to_owned()),
+                        &[1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0],
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
                         Matcher::Suffix("_seconds".to_owned()),
                         &[
                             0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,

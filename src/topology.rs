@@ -293,9 +293,15 @@ impl Topology {
     /// Declares everything; safe to run any number of times and from any number of instances.
     ///
     /// # Errors
+    /// [`TopologyError::ConsistentHashMissing`] without the plugin;
     /// [`TopologyError::PartitionMismatch`] when the broker holds another partition count under
-    /// this prefix; [`TopologyError::Declare`] when an existing entity has other arguments.
+    /// this prefix; [`TopologyError::Declare`] when an existing entity has other arguments;
+    /// [`TopologyError::LegacyQueue`] for a consumed queue declared by an earlier version.
     pub async fn declare(&self, connection: &Connection) -> Result<(), TopologyError> {
+        // Before anything is created, so a broker without the plugin is left as it was.
+        if !has_consistent_hash(connection).await? {
+            return Err(TopologyError::ConsistentHashMissing);
+        }
         let channel = connection.create_channel().await?;
         let durable = ExchangeDeclareOptions {
             durable: true,
@@ -339,7 +345,7 @@ impl Topology {
             )
             .await
             .map_err(|source| {
-                if source.to_string().contains("unknown exchange type") {
+                if is_missing_exchange_type(&source) {
                     TopologyError::ConsistentHashMissing
                 } else {
                     TopologyError::Declare {
@@ -576,9 +582,16 @@ pub async fn has_consistent_hash(connection: &Connection) -> Result<bool, lapin:
             let _ = channel.close(200, "probe".into()).await;
             Ok(true)
         }
-        Err(e) if e.to_string().contains("unknown exchange type") => Ok(false),
+        Err(e) if is_missing_exchange_type(&e) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// `unknown exchange type` on a broker that never had the plugin, `invalid exchange type`
+/// after it was disabled. Either closes the whole connection (COMMAND_INVALID is a hard error).
+fn is_missing_exchange_type(e: &lapin::Error) -> bool {
+    let text = e.to_string();
+    text.contains("exchange type 'x-consistent-hash'")
 }
 
 /// Messages ready in a queue, or `None` when it does not exist.

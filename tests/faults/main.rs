@@ -13,5 +13,7 @@ mod harness;
 
 mod broker_restart;
 mod db_restart;
+mod first_run;
+mod long_db_outage;
 mod outage;
 mod shared_services;

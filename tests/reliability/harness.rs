@@ -1236,9 +1236,11 @@ pub fn run_tool(program: &str, args: &[&str]) -> (bool, String) {
     }
 }
 
-/// Lines of this machine's broker logs (`/var/log/rabbitmq/*.log`) that contain both needles.
+/// Lines of the broker under test's logs (`/var/log/rabbitmq/*.log`, or `VO_RABBITMQ_LOG_DIR`
+/// for the RabbitMQ 4.0 pass) that contain both needles.
 pub fn rabbit_log_lines(a: &str, b: &str) -> usize {
-    let Ok(dir) = std::fs::read_dir("/var/log/rabbitmq") else {
+    let dir = std::env::var("VO_RABBITMQ_LOG_DIR").unwrap_or_else(|_| "/var/log/rabbitmq".into());
+    let Ok(dir) = std::fs::read_dir(dir) else {
         return 0;
     };
     dir.flatten()
