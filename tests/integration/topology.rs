@@ -636,3 +636,53 @@ async fn a_message_returned_past_the_delivery_limit_is_dead_lettered_into_parkin
     let _ = channel.close(200, "done".into()).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_queue_declared_without_delivery_limits_is_refused_naming_the_migration_and_policy_mode_accepts_it(
+) {
+    let env = TestEnv::new().await;
+    let topology = env.topology();
+    env.adopt(&topology);
+    // As an earlier version declared it: a plain quorum queue.
+    let channel = env.connection.create_channel().await.expect("channel");
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    channel
+        .queue_declare(
+            topology.generation_queue().as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("declare the old queue");
+    let _ = channel.close(200, "done".into()).await;
+
+    let err = topology
+        .declare(&env.connection)
+        .await
+        .expect_err("the new arguments differ from the queue's");
+    assert!(
+        matches!(&err, TopologyError::LegacyQueue { name, .. } if *name == topology.generation_queue()),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("consumer_queue_limits"), "{err}");
+
+    let policy = TestEnv::with_env(&[
+        ("APP__TOPOLOGY__PREFIX", env.prefix.as_str()),
+        ("APP__TOPOLOGY__CONSUMER_QUEUE_LIMITS", "policy"),
+    ])
+    .await;
+    let conn = Connection::connect(env.rabbitmq_url(), ConnectionProperties::default())
+        .await
+        .expect("connect");
+    Topology::from_settings(&policy.settings)
+        .declare(&conn)
+        .await
+        .expect("policy mode declares over the old queue");
+    let _ = conn.close(200, "done".into()).await;
+    policy.cleanup().await;
+    env.cleanup().await;
+}
