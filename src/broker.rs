@@ -14,8 +14,8 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
@@ -671,12 +671,18 @@ impl Incoming {
             virtual_key: header(VIRTUAL_KEY_HEADER),
             traceparent: header(TRACEPARENT_HEADER),
             redelivered: d.redelivered,
-            delivery_count: d
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get(&ShortString::from("x-delivery-count")))
-                .and_then(amqp_uint)
+            // 4.3 splits the count: `x-delivery-count` holds failed deliveries only and
+            // `x-acquired-count` every return; before 4.3 the first holds every return.
+            delivery_count: ["x-delivery-count", "x-acquired-count"]
+                .iter()
+                .filter_map(|name| {
+                    d.properties
+                        .headers()
+                        .as_ref()
+                        .and_then(|h| h.inner().get(&ShortString::from(*name)))
+                        .and_then(amqp_uint)
+                })
+                .max()
                 .unwrap_or(0),
             retry_attempt: header(RETRY_ATTEMPT_HEADER)
                 .and_then(|v| v.parse().ok())
@@ -904,15 +910,12 @@ async fn settle(
     }
 }
 
-/// Gives a delivery back to the queue. Only for a process that stops or a broker that fails:
-/// each return counts towards the queue's delivery limit.
+/// Gives a delivery back to the queue. Only for a process that stops or a broker that fails.
+/// `basic.reject`, not `basic.nack`: from RabbitMQ 4.3 a nack with requeue no longer counts
+/// towards a quorum queue's delivery limit, a reject still does (on 3.10–4.2 both count), so a
+/// message that keeps coming back ends in `video.parking` on every version.
 async fn return_to_queue(delivery: &lapin::message::Delivery) -> Result<bool, lapin::Error> {
-    delivery
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..BasicNackOptions::default()
-        })
-        .await
+    delivery.reject(BasicRejectOptions { requeue: true }).await
 }
 
 /// What [`Publisher::retry`] did.

@@ -760,6 +760,45 @@ mod tests {
     }
 
     #[test]
+    fn what_postgresql_or_amqp_cannot_hold_is_unstorable_naming_the_field() {
+        let unstorable = |v: serde_json::Value| match decode::<VideoGenerationRequested>(
+            &serde_json::to_vec(&v).unwrap(),
+        ) {
+            Err(DecodeError::Unstorable { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let mut v = request_json();
+        v["prompt"] = serde_json::json!("a cat\u{0}");
+        assert_eq!(unstorable(v), "prompt");
+        let mut v = request_json();
+        v["metadata"] = serde_json::json!({"outer": {"in\u{0}ner": 1}});
+        assert_eq!(unstorable(v), "metadata.outer.in\u{0}ner");
+        let mut v = request_json();
+        v["requestId"] = serde_json::json!("r".repeat(MAX_ID_BYTES + 1));
+        assert_eq!(unstorable(v), "requestId");
+        let mut v = request_json();
+        v["virtualKeyId"] = serde_json::json!("é".repeat(MAX_ID_BYTES / 2 + 1));
+        assert_eq!(unstorable(v), "virtualKeyId");
+        // At the limit is fine.
+        let mut v = request_json();
+        v["requestId"] = serde_json::json!("r".repeat(MAX_ID_BYTES));
+        assert!(decode::<VideoGenerationRequested>(&serde_json::to_vec(&v).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn an_envelope_with_a_property_over_255_bytes_is_unpublishable() {
+        let mut e = Envelope::new(
+            "x",
+            "k",
+            &decode::<VideoGenerationRequested>(&serde_json::to_vec(&request_json()).unwrap())
+                .unwrap(),
+        );
+        assert_eq!(e.unpublishable(), None);
+        e.correlation_id = "c".repeat(256);
+        assert!(e.unpublishable().unwrap().contains("correlation_id"));
+    }
+
+    #[test]
     fn request_round_trips_and_ignores_unknown_fields() {
         let body = serde_json::to_vec(&request_json()).unwrap();
         let m: VideoGenerationRequested = decode(&body).unwrap();

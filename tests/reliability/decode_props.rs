@@ -46,7 +46,7 @@ fn exact_json() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(|n| json!(n)),
-        ".{0,24}".prop_map(Value::String),
+        "[^\\x00\n]{0,24}".prop_map(Value::String),
     ];
     tree(leaf)
 }
@@ -55,7 +55,7 @@ fn tree(leaf: impl Strategy<Value = Value> + 'static) -> impl Strategy<Value = V
     leaf.prop_recursive(3, 32, 6, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
-            prop::collection::btree_map(".{0,12}", inner, 0..6)
+            prop::collection::btree_map("[^\\x00\n]{0,12}", inner, 0..6)
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
@@ -100,10 +100,10 @@ fn meta() -> impl Strategy<Value = Meta> {
 fn request() -> impl Strategy<Value = VideoGenerationRequested> {
     (
         meta(),
-        ".{0,40}",
-        ".{0,20}",
-        ".{0,20}",
-        ".{0,200}",
+        "[^\\x00\n]{0,40}",
+        "[^\\x00\n]{0,20}",
+        "[^\\x00\n]{0,20}",
+        "[^\\x00\n]{0,200}",
         proptest::option::of(any::<u32>()),
         proptest::option::of("[0-9]{1,4}x[0-9]{1,4}"),
         proptest::option::of("[a-z]{1,8}"),
@@ -134,8 +134,8 @@ fn request() -> impl Strategy<Value = VideoGenerationRequested> {
 fn check() -> impl Strategy<Value = VideoProgressCheckRequested> {
     (
         meta(),
-        ".{0,40}",
-        ".{0,20}",
+        "[^\\x00\n]{0,40}",
+        "[^\\x00\n]{0,20}",
         timestamp(),
         any::<u32>(),
         timestamp(),
@@ -167,19 +167,19 @@ fn check() -> impl Strategy<Value = VideoProgressCheckRequested> {
 fn finished() -> impl Strategy<Value = VideoProviderTaskFinished> {
     (
         meta(),
-        ".{0,40}",
-        ".{0,20}",
+        "[^\\x00\n]{0,40}",
+        "[^\\x00\n]{0,20}",
         prop_oneof![
             Just(TaskOutcome::Succeeded),
             Just(TaskOutcome::Failed),
             Just(TaskOutcome::Cancelled),
             Just(TaskOutcome::TimedOut),
         ],
-        proptest::option::of(".{0,30}"),
-        proptest::option::of(".{0,40}"),
+        proptest::option::of("[^\\x00\n]{0,30}"),
+        proptest::option::of("[^\\x00\n]{0,40}"),
         // Quarters are exact in binary, so the float survives JSON unchanged.
         proptest::option::of((0u32..100_000).prop_map(|q| f64::from(q) / 4.0)),
-        proptest::option::of(".{0,40}"),
+        proptest::option::of("[^\\x00\n]{0,40}"),
     )
         .prop_map(
             |(
@@ -234,7 +234,7 @@ proptest! {
             Just("VideoGenerationRequested".to_owned()),
             Just("VideoGenerationCancelRequested".to_owned()),
             Just("VideoProviderTaskFinished".to_owned()),
-            ".{0,20}",
+            "[^\\x00\n]{0,20}",
         ]),
     ) {
         if let Err(e) = GenerationCommand::decode(kind.as_deref(), "video.generation.requested", &body) {
