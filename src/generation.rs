@@ -190,6 +190,15 @@ impl GenerationOrchestrator {
         if r.model.trim().is_empty() {
             return Err("model must not be empty".to_owned());
         }
+        if let Some(metadata) = &r.metadata {
+            let bytes = serde_json::to_vec(metadata).map_or(0, |b| b.len());
+            if bytes > self.settings.max_metadata_bytes {
+                return Err(format!(
+                    "metadata is {bytes} bytes as JSON; the limit is {} (generation.max_metadata_bytes)",
+                    self.settings.max_metadata_bytes
+                ));
+            }
+        }
         if let Some(d) = r.duration_seconds {
             if d == 0 || d > self.settings.max_duration_seconds {
                 return Err(format!(
@@ -245,9 +254,11 @@ impl GenerationOrchestrator {
         let provider = match self.validate(&r) {
             Ok(p) => p,
             Err(reason) => {
-                // A refused callback URL must not receive the refusal either.
+                // A refused callback URL must not receive the refusal either, and refused
+                // metadata is not stored.
                 let new_task = NewTask {
                     callback_url: None,
+                    metadata: None,
                     ..new_task
                 };
                 return self.reject_invalid(new_task, &reason, traceparent).await;

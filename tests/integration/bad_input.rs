@@ -120,6 +120,30 @@ async fn unstorable_requests_are_parked_at_once_and_a_normal_one_after_them_is_n
         "[bad-input] parked 3 within {parked_within:?}; normal request {without:?} before, {with:?} after"
     );
 
+    // Oversized metadata is storable but refused: the task fails for good, nothing is parked.
+    let mut big = new_request("vk-meta", "sora-2", "too much metadata");
+    big.metadata = Some(serde_json::json!({ "blob": "m".repeat(20 * 1024) }));
+    let id = client.submit(&big).await.expect("request published");
+    let task = eventually(DONE, || async {
+        let task = env.store.get(&id).await.ok()??;
+        (task.status == TaskStatus::Failed).then_some(task)
+    })
+    .await
+    .expect("the request with oversized metadata is refused");
+    assert_eq!(task.retryable, Some(false));
+    assert!(
+        task.error
+            .as_deref()
+            .is_some_and(|e| e.contains("metadata")),
+        "{:?}",
+        task.error
+    );
+    assert!(task.metadata.is_none(), "refused metadata is not stored");
+    assert_eq!(
+        env.store.list_parked(10).await.expect("parked").len(),
+        bad.len()
+    );
+
     client_stop.cancel();
     drop(client);
     instance.stop().await;
