@@ -9,10 +9,12 @@
 //! - [`telemetry`]: JSON logs, `RUST_LOG`.
 //! - [`messages`]: the message contract (pure data).
 //! - [`topology`]: exchanges and queues, declared at every start.
-//! - [`broker`]: connection with reconnect, confirmed publisher, consumer loop with parking.
+//! - [`broker`]: connection with reconnect, confirmed publisher, consumer loop with parking and
+//!   delayed retries (never a requeue).
 //! - [`store`]: PostgreSQL tasks, outbox, leases.
 //! - [`providers`]: the `VideoProvider` trait, its HTTP adapters and the simulated provider.
-//! - [`generation`]: the generation orchestrator (lifecycle, outbox writes).
+//! - [`generation`]: the generation orchestrator (lifecycle, outbox writes), which waits at a
+//!   database gate while PostgreSQL is down.
 //! - [`progress_tracking`]: the self-scheduling check chain; [`partitions`]: who consumes which
 //!   partition; [`sweeper`]: re-arms lost chains.
 //! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks.
@@ -28,6 +30,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
+mod database_gate;
 pub mod demo;
 pub mod generation;
 pub mod http;

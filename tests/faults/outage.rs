@@ -119,7 +119,7 @@ pub async fn outage_run(run: &'static str, dependency: Dependency) {
     }
     let counters = cluster.counters().await;
     let interrupted = cluster.log_lines("consumer interrupted");
-    let requeued = cluster.log_lines("message returned to the queue");
+    let retried = cluster.log_lines("transient failure; retrying after a delay");
     cluster.stop_all().await;
 
     let expected: Vec<Expectation> = ids
@@ -133,7 +133,7 @@ pub async fn outage_run(run: &'static str, dependency: Dependency) {
     figure(&format!(
         "{run}: tasks={} faults=1 lost={} duplicates_dropped={} outcomes={:?} \
          readiness_false_on={not_ready}/{} broker_reconnects={} republished={} consumer_resubscribes={interrupted} \
-         requeued_while_db_down={requeued} stale_checks_dropped={} rearmed={} \
+         delayed_retries_while_down={retried} stale_checks_dropped={} rearmed={} \
          status_calls={} tightest_call_ratio={:.2} stop_s={stop_s:.1} down_s={down_s:.1} start_s={start_s:.1} \
          ready_after_back_s={recovered_s:.1} recovered_s={:.1} drain_s={drain_s:.1} \
          broker_dlx_stalled_tiers={dlx_stalled} broker_held_checks_max={held_max} held_released_after_drain_s={held_released_s:.0} total_s={:.0}",
