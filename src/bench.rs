@@ -695,8 +695,14 @@ fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// The RabbitMQ node's pid: the `beam.smp` booting `rabbit`, else the busiest `beam.smp`.
+/// The RabbitMQ node's pid: the `beam.smp` booting `rabbit`, else the busiest `beam.smp`. With
+/// two nodes on the machine (the RabbitMQ 4.0 one of `scripts/rabbitmq4` runs in a chroot beside
+/// the system's), `VO_BENCH_BROKER_ROOT` names the root directory of the one under test (default
+/// `/`).
 fn broker_pid() -> Option<u32> {
+    let wanted = std::path::PathBuf::from(
+        std::env::var("VO_BENCH_BROKER_ROOT").unwrap_or_else(|_| "/".to_owned()),
+    );
     let mut best: Option<(u32, u64, bool)> = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry
@@ -710,6 +716,9 @@ fn broker_pid() -> Option<u32> {
             continue;
         };
         if comm != "beam.smp" {
+            continue;
+        }
+        if std::fs::read_link(format!("/proc/{pid}/root")).ok().as_ref() != Some(&wanted) {
             continue;
         }
         let node = cmdline(pid).contains("rabbit boot");
