@@ -718,7 +718,11 @@ fn broker_pid() -> Option<u32> {
         if comm != "beam.smp" {
             continue;
         }
-        if std::fs::read_link(format!("/proc/{pid}/root")).ok().as_ref() != Some(&wanted) {
+        if std::fs::read_link(format!("/proc/{pid}/root"))
+            .ok()
+            .as_ref()
+            != Some(&wanted)
+        {
             continue;
         }
         let node = cmdline(pid).contains("rabbit boot");
