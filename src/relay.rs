@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use crate::broker::{BrokerError, Publisher};
 use crate::config::OutboxSettings;
+use crate::messages::truncate;
 use crate::store::{OutboxRow, Store, StoreError};
 
 /// An unroutable mandatory row (a queue that is gone) is tried this often before it is parked:
@@ -34,15 +35,6 @@ struct TaskRows<'a> {
 /// Wait before a failed row is tried again: 1 s, doubling, at most a minute.
 fn retry_delay(attempts: i32) -> Duration {
     Duration::from_secs(1u64 << attempts.clamp(0, 6).unsigned_abs()).min(Duration::from_secs(60))
-}
-
-/// Ids in log lines stay short whatever a sender put in them.
-fn bounded(s: &str) -> &str {
-    let mut end = s.len().min(80);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Relay errors.
@@ -141,19 +133,19 @@ impl OutboxRelay {
             match self.publisher.publish(&row.envelope).await {
                 Ok(()) => out.sent.push(row.id),
                 Err(e @ BrokerError::Unpublishable { .. }) => {
-                    warn!(message_id = %bounded(&row.envelope.message_id), error = %e, "outbox row parked: it can never be published");
+                    warn!(message_id = %truncate(&row.envelope.message_id, 80), error = %e, "outbox row parked: it can never be published");
                     metrics::counter!("video_outbox_parked_total").increment(1);
                     out.parked.push((row, e.to_string()));
                 }
                 Err(e @ BrokerError::Unroutable { .. }) if row.attempts + 1 >= MAX_UNROUTABLE => {
-                    warn!(message_id = %bounded(&row.envelope.message_id), error = %e, "outbox row parked: still unroutable");
+                    warn!(message_id = %truncate(&row.envelope.message_id, 80), error = %e, "outbox row parked: still unroutable");
                     metrics::counter!("video_outbox_parked_total").increment(1);
                     out.parked
                         .push((row, format!("{e} ({MAX_UNROUTABLE} attempts)")));
                 }
                 Err(BrokerError::Shutdown) => break,
                 Err(e) => {
-                    warn!(message_id = %bounded(&row.envelope.message_id), attempts = row.attempts + 1, error = %e, "outbox row not published; it waits, other tasks go on");
+                    warn!(message_id = %truncate(&row.envelope.message_id, 80), attempts = row.attempts + 1, error = %e, "outbox row not published; it waits, other tasks go on");
                     out.deferred = Some((row, e.to_string()));
                     break;
                 }

@@ -777,17 +777,7 @@ fn error_summary(body: &[u8]) -> String {
     truncate(&String::from_utf8_lossy(body), 200)
 }
 
-/// Cuts `text` to about `max` bytes on a character boundary, for error messages.
-pub(crate) fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
-}
+pub(crate) use crate::messages::truncate;
 
 /// A body that did not parse: permanent (asking again gets the same body), and descriptive.
 pub(crate) fn bad_body(what: &str, body: &[u8], error: &serde_json::Error) -> ProviderError {
