@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::broker::{consume, Broker, BrokerError, BrokerOptions, ConsumerSpec, Publisher};
 use crate::config::Settings;
-use crate::generation::GenerationOrchestrator;
+use crate::generation::{GenerationDeps, GenerationOrchestrator};
 use crate::partitions::PartitionManager;
 use crate::progress_tracking::ProgressTracker;
 use crate::providers::{ProviderConfigError, Providers};
@@ -187,16 +187,16 @@ impl Application {
         let consumers_running = Arc::new(AtomicBool::new(false));
 
         if roles.contains(&Role::Generation) {
-            let orchestrator = Arc::new(GenerationOrchestrator::new(
-                store.clone(),
-                providers.clone(),
-                topology.clone(),
-                settings.generation.clone(),
-                settings.tracking.clone(),
-                settings.webhooks.clone(),
-                relay_wake.clone(),
-                consumers_stop.clone(),
-            ));
+            let orchestrator = Arc::new(GenerationOrchestrator::new(GenerationDeps {
+                store: store.clone(),
+                providers: providers.clone(),
+                topology: topology.clone(),
+                settings: settings.generation.clone(),
+                tracking: settings.tracking.clone(),
+                webhooks: settings.webhooks.clone(),
+                relay_wake: relay_wake.clone(),
+                stop: consumers_stop.clone(),
+            }));
             let spec = ConsumerSpec {
                 queue: topology.generation_queue(),
                 prefetch: settings.generation.prefetch,
@@ -299,7 +299,7 @@ impl Application {
         infra_stop.cancel();
         infra.close();
         infra.wait().await;
-        store.pool().close().await;
+        store.close().await;
         info!("stopped");
     }
 }

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use rand::Rng;
-use secrecy::{ExposeSecret, SecretString};
-use sqlx::Connection as _;
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{Application, Role};
 use crate::client::{new_request, Client, EventStream};
 use crate::config::Settings;
 use crate::providers::sim::{SimProvider, SimSettings};
+use crate::store::ScratchDatabase;
 use crate::topology::Topology;
 
 /// Demo options.
@@ -60,18 +60,14 @@ async fn check_dependencies(settings: &Settings) -> anyhow::Result<()> {
              this machine `rabbitmq-server -detached`, or point APP__RABBITMQ__URL at your broker."
         ),
     }
-    let opts = crate::store::connect_options(&settings.database)?;
-    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect_with(&opts)).await {
-        Ok(Ok(c)) => {
-            let _ = c.close().await;
-            Ok(())
-        }
-        _ => anyhow::bail!(
-            "PostgreSQL is not reachable at {db}.\n  Start it with `docker compose up -d postgres`, or \
-             on this machine `pg_ctlcluster <version> main start`, or point APP__DATABASE__URL at your \
-             database."
-        ),
+    if ScratchDatabase::server_answers(&settings.database, Duration::from_secs(5)).await {
+        return Ok(());
     }
+    anyhow::bail!(
+        "PostgreSQL is not reachable at {db}.\n  Start it with `docker compose up -d postgres`, or \
+         on this machine `pg_ctlcluster <version> main start`, or point APP__DATABASE__URL at your \
+         database."
+    )
 }
 
 const PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
@@ -136,31 +132,6 @@ async fn ensure_consistent_hash(url: &str) -> anyhow::Result<()> {
     anyhow::bail!("`{fix}` ran, but the broker still lacks the exchange type after 10 s")
 }
 
-/// Creates `name` next to the configured database; returns its URL.
-async fn create_database(settings: &Settings, name: &str) -> anyhow::Result<String> {
-    let opts = crate::store::connect_options(&settings.database)?;
-    let mut conn = sqlx::PgConnection::connect_with(&opts).await?;
-    sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
-        .execute(&mut conn)
-        .await
-        .with_context(|| format!("creating the demo database {name}"))?;
-    let _ = conn.close().await;
-    let mut url = url::Url::parse(settings.database.url.expose_secret())?;
-    url.set_path(&format!("/{name}"));
-    Ok(url.to_string())
-}
-
-async fn drop_database(settings: &Settings, name: &str) {
-    if let Ok(opts) = crate::store::connect_options(&settings.database) {
-        if let Ok(mut conn) = sqlx::PgConnection::connect_with(&opts).await {
-            let _ = sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
-                .execute(&mut conn)
-                .await;
-            let _ = conn.close().await;
-        }
-    }
-}
-
 /// Runs the demo; returns when every task reached a terminal state.
 ///
 /// # Errors
@@ -170,8 +141,10 @@ pub async fn run(mut settings: Settings, options: DemoOptions) -> anyhow::Result
     let hex = uuid::Uuid::new_v4().simple().to_string();
     let prefix = format!("demo-{}.", &hex[..8]);
     let database = format!("vo_demo_{}", &hex[..12]);
-    let base_settings = settings.clone();
-    settings.database.url = SecretString::from(create_database(&settings, &database).await?);
+    let scratch = ScratchDatabase::create(&settings.database, &database)
+        .await
+        .with_context(|| format!("creating the demo database {database}"))?;
+    settings.database.url = scratch.url()?;
     settings.topology.prefix = prefix.clone();
     settings.http.listen = "127.0.0.1:0".parse()?;
     settings.tracking.min_interval_ms = 1000;
@@ -209,7 +182,7 @@ pub async fn run(mut settings: Settings, options: DemoOptions) -> anyhow::Result
             let _ = Topology::from_settings(&settings).delete(&conn).await;
             let _ = conn.close(200, "demo over".into()).await;
         }
-        drop_database(&base_settings, &database).await;
+        scratch.remove().await;
     }
     result
 }

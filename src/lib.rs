@@ -30,7 +30,6 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
-mod database_gate;
 pub mod demo;
 pub mod generation;
 pub mod http;

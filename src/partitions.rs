@@ -13,16 +13,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::Row;
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::broker::{consume, Broker, ConsumerSpec, Publisher};
 use crate::config::TrackingSettings;
 use crate::progress_tracking::ProgressTracker;
-use crate::store::{Store, StoreError};
+use crate::store::{LeaseScope, Store, StoreError};
 
 /// Leases and the consumers they allow.
 #[derive(Debug)]
@@ -32,9 +31,8 @@ pub struct PartitionManager {
     publisher: Publisher,
     tracker: Arc<ProgressTracker>,
     settings: TrackingSettings,
-    instance_id: String,
+    scope: LeaseScope,
     limit: Arc<Semaphore>,
-    owned: Arc<std::sync::Mutex<Vec<u16>>>,
 }
 
 struct Running {
@@ -52,87 +50,44 @@ impl PartitionManager {
         settings: TrackingSettings,
         instance_id: String,
     ) -> Self {
+        let scope = LeaseScope {
+            topology_prefix: broker.topology().prefix().to_owned(),
+            instance_id,
+        };
         Self {
             limit: Arc::new(Semaphore::new(settings.concurrency)),
             store,
             broker,
             publisher,
             tracker,
+            scope,
             settings,
-            instance_id,
-            owned: Arc::new(std::sync::Mutex::new(Vec::new())),
         }
     }
 
-    /// Partitions this instance consumes now (shared view for `/metrics` and tests).
-    pub fn owned_handle(&self) -> Arc<std::sync::Mutex<Vec<u16>>> {
-        self.owned.clone()
-    }
-
-    fn prefix(&self) -> &str {
-        self.broker.topology().prefix()
-    }
-
-    fn ttl_secs(&self) -> f64 {
-        self.settings.lease_ttl_ms as f64 / 1000.0
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.settings.lease_ttl_ms)
     }
 
     /// Creates lease rows for every partition (idempotent).
     async fn seed(&self) -> Result<(), StoreError> {
-        let n = i32::from(self.broker.topology().partitions());
-        sqlx::query(
-            "INSERT INTO partition_leases (topology_prefix, partition)
-             SELECT $1, g FROM generate_series(0, $2 - 1) g ON CONFLICT DO NOTHING",
-        )
-        .bind(self.prefix())
-        .bind(n)
-        .execute(self.store.pool())
-        .await?;
-        Ok(())
+        let n = self.broker.topology().partitions();
+        self.store.seed_leases(&self.scope, n).await
     }
 
     /// One heartbeat: renew, rebalance. Returns the partitions held after it.
     async fn heartbeat(&self, running: &BTreeMap<u16, Running>) -> Result<Vec<u16>, StoreError> {
-        let pool = self.store.pool();
-        let ttl = self.ttl_secs();
-        sqlx::query(
-            "INSERT INTO service_instances (topology_prefix, instance_id, heartbeat_at) VALUES ($1, $2, now())
-             ON CONFLICT (topology_prefix, instance_id) DO UPDATE SET heartbeat_at = now()",
-        )
-        .bind(self.prefix())
-        .bind(&self.instance_id)
-        .execute(pool)
-        .await?;
-        let live: Vec<String> = sqlx::query_scalar(
-            "SELECT instance_id FROM service_instances
-             WHERE topology_prefix = $1 AND heartbeat_at > now() - make_interval(secs => $2)
-             ORDER BY instance_id",
-        )
-        .bind(self.prefix())
-        .bind(ttl)
-        .fetch_all(pool)
-        .await?;
+        let ttl = self.ttl();
+        let live = self.store.heartbeat_instance(&self.scope, ttl).await?;
         let n = usize::from(self.broker.topology().partitions());
         let count = live.len().max(1);
         let index = live
             .iter()
-            .position(|i| *i == self.instance_id)
+            .position(|i| *i == self.scope.instance_id)
             .unwrap_or(0);
         let target = n / count + usize::from(index < n % count);
 
-        let mut held: Vec<u16> = sqlx::query(
-            "UPDATE partition_leases SET expires_at = now() + make_interval(secs => $3)
-             WHERE topology_prefix = $1 AND owner = $2 RETURNING partition",
-        )
-        .bind(self.prefix())
-        .bind(&self.instance_id)
-        .bind(ttl)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .filter_map(|r| r.try_get::<i32, _>("partition").ok())
-        .filter_map(|p| u16::try_from(p).ok())
-        .collect();
+        let mut held = self.store.renew_leases(&self.scope, ttl).await?;
         held.sort_unstable();
         // Give back the extras: the ones not running first, then the highest.
         while held.len() > target {
@@ -145,26 +100,15 @@ impl PartitionManager {
             held.retain(|p| *p != pick);
         }
         if held.len() < target {
-            let taken: Vec<u16> = sqlx::query(
-                "UPDATE partition_leases SET owner = $2, expires_at = now() + make_interval(secs => $3)
-                 WHERE topology_prefix = $1 AND partition IN (
-                     SELECT partition FROM partition_leases
-                     WHERE topology_prefix = $1 AND partition < $5
-                       AND (owner IS NULL OR expires_at < now())
-                     ORDER BY partition LIMIT $4 FOR UPDATE SKIP LOCKED)
-                 RETURNING partition",
-            )
-            .bind(self.prefix())
-            .bind(&self.instance_id)
-            .bind(ttl)
-            .bind(i64::try_from(target - held.len()).unwrap_or(0))
-            .bind(i32::try_from(n).unwrap_or(i32::MAX))
-            .fetch_all(pool)
-            .await?
-            .iter()
-            .filter_map(|r| r.try_get::<i32, _>("partition").ok())
-            .filter_map(|p| u16::try_from(p).ok())
-            .collect();
+            let taken = self
+                .store
+                .take_free_leases(
+                    &self.scope,
+                    ttl,
+                    target - held.len(),
+                    self.broker.topology().partitions(),
+                )
+                .await?;
             held.extend(taken);
             held.sort_unstable();
         }
@@ -172,15 +116,7 @@ impl PartitionManager {
     }
 
     async fn release(&self, partition: u16) {
-        let result = sqlx::query(
-            "UPDATE partition_leases SET owner = NULL, expires_at = 'epoch'
-             WHERE topology_prefix = $1 AND partition = $2 AND owner = $3",
-        )
-        .bind(self.prefix())
-        .bind(i32::from(partition))
-        .bind(&self.instance_id)
-        .execute(self.store.pool())
-        .await;
+        let result = self.store.release_lease(&self.scope, partition).await;
         if let Err(e) = result {
             warn!(partition, error = %e, "could not release lease; it expires by itself");
         }
@@ -212,9 +148,7 @@ impl PartitionManager {
     }
 
     fn publish_owned(&self, running: &BTreeMap<u16, Running>) {
-        let owned: Vec<u16> = running.keys().copied().collect();
-        metrics::gauge!("video_progress_owned_partitions").set(owned.len() as f64);
-        *self.owned.lock().unwrap_or_else(|e| e.into_inner()) = owned;
+        metrics::gauge!("video_progress_owned_partitions").set(running.len() as f64);
     }
 
     /// Holds leases and runs consumers until `stop`; then stops every consumer (in-flight checks
@@ -222,7 +156,7 @@ impl PartitionManager {
     pub async fn run(self, stop: CancellationToken) {
         let mut running: BTreeMap<u16, Running> = BTreeMap::new();
         let every = Duration::from_millis(self.settings.lease_heartbeat_ms);
-        let ttl = Duration::from_millis(self.settings.lease_ttl_ms);
+        let ttl = self.ttl();
         let mut last_renewed = Instant::now();
         let mut seeded = false;
         loop {
@@ -274,13 +208,9 @@ impl PartitionManager {
             self.release(p).await;
         }
         self.publish_owned(&running);
-        let _ = sqlx::query(
-            "DELETE FROM service_instances WHERE topology_prefix = $1 AND instance_id = $2",
-        )
-        .bind(self.prefix())
-        .bind(&self.instance_id)
-        .execute(self.store.pool())
-        .await;
+        if let Err(e) = self.store.remove_instance(&self.scope).await {
+            debug!(error = %e, "instance row not removed; it expires by itself");
+        }
         info!("partition manager stopped; leases released");
     }
 }

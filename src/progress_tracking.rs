@@ -558,7 +558,7 @@ impl ProgressTracker {
             let mut tx = self.store.begin().await?;
             crate::webhooks::enqueue(&mut tx, &task.request_id, url, &envelope, &self.webhooks)
                 .await?;
-            tx.commit().await.map_err(crate::store::StoreError::from)
+            tx.commit().await
         }
         .await;
         if let Err(e) = result {

@@ -45,12 +45,6 @@ pub enum RelayError {
     Store(#[from] StoreError),
 }
 
-impl From<sqlx::Error> for RelayError {
-    fn from(e: sqlx::Error) -> Self {
-        Self::Store(StoreError::Database(e))
-    }
-}
-
 /// Publishes the outbox.
 #[derive(Debug, Clone)]
 pub struct OutboxRelay {
@@ -85,10 +79,10 @@ impl OutboxRelay {
     /// # Errors
     /// Database errors.
     pub async fn flush_once(&self) -> Result<usize, RelayError> {
-        let mut tx = self.store.begin().await?;
-        let rows = Store::claim_outbox(&mut tx, self.settings.batch_size).await?;
+        let mut uow = self.store.begin().await?;
+        let rows = uow.claim_outbox(self.settings.batch_size).await?;
         if rows.is_empty() {
-            tx.commit().await?;
+            uow.commit().await?;
             return Ok(0);
         }
         // Tasks in parallel (one confirm channel, many confirms in flight), each task's rows in
@@ -114,14 +108,15 @@ impl OutboxRelay {
         for result in results {
             sent.extend(result.sent);
             for (row, reason) in result.parked {
-                Store::park_outbox(&mut tx, row, &reason).await?;
+                uow.park_outbox(row, &reason).await?;
             }
             if let Some((row, error)) = result.deferred {
-                Store::defer_outbox(&mut tx, row.id, &error, retry_delay(row.attempts)).await?;
+                uow.defer_outbox(row.id, &error, retry_delay(row.attempts))
+                    .await?;
             }
         }
-        Store::delete_outbox(&mut tx, &sent).await?;
-        tx.commit().await?;
+        uow.delete_outbox(&sent).await?;
+        uow.commit().await?;
         metrics::counter!("video_outbox_published_total").increment(sent.len() as u64);
         Ok(sent.len())
     }

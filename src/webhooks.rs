@@ -13,13 +13,12 @@ use hmac::{Hmac, Mac};
 use rand::Rng;
 use secrecy::ExposeSecret;
 use sha2::Sha256;
-use sqlx::{Postgres, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::WebhookSettings;
 use crate::messages::Envelope;
-use crate::store::{Store, StoreError};
+use crate::store::{DueWebhook, Store, StoreError, UnitOfWork};
 
 /// Header with the unix time the delivery was signed.
 pub const TIMESTAMP_HEADER: &str = "X-Webhook-Timestamp";
@@ -107,30 +106,21 @@ pub fn validate_url(url: &str, allowed_hosts: &[String]) -> Result<url::Url, Str
     Ok(parsed)
 }
 
-/// Records a delivery of `event` to `url` in the caller's transaction.
+/// Records a delivery of `event` to `url` in the caller's unit of work, given up after
+/// `webhooks.max_retry_ms`.
 ///
 /// # Errors
 /// Database errors.
 pub async fn enqueue(
-    tx: &mut Transaction<'_, Postgres>,
+    uow: &mut UnitOfWork,
     request_id: &str,
     url: &str,
     event: &Envelope,
     settings: &WebhookSettings,
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO webhook_deliveries (request_id, message_id, event_type, url, body, give_up_at)
-         VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))",
-    )
-    .bind(request_id)
-    .bind(&event.message_id)
-    .bind(&event.message_type)
-    .bind(url)
-    .bind(&event.body)
-    .bind(settings.max_retry_ms as f64 / 1000.0)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    let give_up_after = Duration::from_millis(settings.max_retry_ms);
+    uow.enqueue_webhook(request_id, url, event, give_up_after)
+        .await
 }
 
 /// Sends due deliveries until stopped.
@@ -139,15 +129,6 @@ pub struct WebhookDispatcher {
     store: Store,
     settings: WebhookSettings,
     client: reqwest::Client,
-}
-
-struct Due {
-    id: i64,
-    message_id: String,
-    event_type: String,
-    url: String,
-    body: Vec<u8>,
-    attempts: i32,
 }
 
 impl WebhookDispatcher {
@@ -193,40 +174,15 @@ impl WebhookDispatcher {
     /// # Errors
     /// Database errors.
     pub async fn dispatch_due(&self) -> Result<usize, StoreError> {
-        // Claiming pushes next_attempt_at forward, which leases the row to this dispatcher.
-        let rows = sqlx::query(
-            "UPDATE webhook_deliveries SET attempts = attempts + 1,
-                 next_attempt_at = now() + make_interval(secs => $1)
-             WHERE id IN (SELECT id FROM webhook_deliveries
-                          WHERE delivered_at IS NULL AND next_attempt_at <= now() AND give_up_at > now()
-                          ORDER BY next_attempt_at LIMIT 32 FOR UPDATE SKIP LOCKED)
-             RETURNING id, message_id, event_type, url, body, attempts",
-        )
-        .bind(self.settings.timeout_ms as f64 / 1000.0 * 2.0 + 5.0)
-        .fetch_all(self.store.pool())
-        .await?;
-        let due: Vec<Due> = rows
-            .into_iter()
-            .map(|r| {
-                Ok(Due {
-                    id: r.try_get("id")?,
-                    message_id: r.try_get("message_id")?,
-                    event_type: r.try_get("event_type")?,
-                    url: r.try_get("url")?,
-                    body: r.try_get("body")?,
-                    attempts: r.try_get("attempts")?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()?;
+        // A claim outlives the longest send (timeout, twice for a slow DNS answer, plus slack).
+        let lease = Duration::from_millis(self.settings.timeout_ms * 2) + Duration::from_secs(5);
+        let due = self.store.claim_due_webhooks(lease, 32).await?;
         let n = due.len();
         let results = join_all(due.iter().map(|d| self.send(d))).await;
         for (d, result) in due.iter().zip(results) {
             match result {
                 Ok(()) => {
-                    sqlx::query("UPDATE webhook_deliveries SET delivered_at = now(), last_error = NULL WHERE id = $1")
-                        .bind(d.id)
-                        .execute(self.store.pool())
-                        .await?;
+                    self.store.mark_webhook_delivered(d.id).await?;
                     metrics::counter!("video_webhook_deliveries_total", "outcome" => "delivered")
                         .increment(1);
                     info!(url = %d.url, event = %d.event_type, attempts = d.attempts, "webhook delivered");
@@ -235,16 +191,9 @@ impl WebhookDispatcher {
                     let backoff_s = (2f64.powi(d.attempts.min(6))
                         * rand::rng().random_range(0.8..1.2))
                     .min(60.0);
-                    sqlx::query(
-                        "UPDATE webhook_deliveries SET last_error = $2,
-                             next_attempt_at = now() + make_interval(secs => $3)
-                         WHERE id = $1",
-                    )
-                    .bind(d.id)
-                    .bind(&error)
-                    .bind(backoff_s)
-                    .execute(self.store.pool())
-                    .await?;
+                    self.store
+                        .defer_webhook(d.id, &error, Duration::from_secs_f64(backoff_s))
+                        .await?;
                     metrics::counter!("video_webhook_deliveries_total", "outcome" => "failed")
                         .increment(1);
                     warn!(url = %d.url, event = %d.event_type, attempts = d.attempts, %error, "webhook attempt failed");
@@ -254,7 +203,7 @@ impl WebhookDispatcher {
         Ok(n)
     }
 
-    async fn send(&self, d: &Due) -> Result<(), String> {
+    async fn send(&self, d: &DueWebhook) -> Result<(), String> {
         let url = validate_url(&d.url, &self.settings.allowed_hosts)?;
         // Re-check what the name resolves to now (DNS can change after the request was accepted).
         let listed = url.host_str().is_some_and(|h| {

@@ -9,7 +9,7 @@ use video_orchestrator::broker::Publisher;
 use video_orchestrator::client::{new_request, Client};
 use video_orchestrator::messages::{Message, VideoGenerationRequested, VideoGenerationStarted};
 use video_orchestrator::relay::OutboxRelay;
-use video_orchestrator::store::{Store, TaskStatus};
+use video_orchestrator::store::TaskStatus;
 
 use crate::helpers::TestEnv;
 use crate::service::{env_with, eventually, start_sim, Instance};
@@ -167,10 +167,10 @@ async fn an_outbox_row_that_cannot_be_published_is_parked_and_other_tasks_rows_g
     let long_id = "r".repeat(5000);
     let mut tx = env.store.begin().await.expect("begin");
     // The bad row first: it must not hold up the row written after it.
-    Store::enqueue(&mut tx, &topology.event(&started(&long_id)))
+    tx.enqueue(&topology.event(&started(&long_id)))
         .await
         .expect("enqueue bad");
-    Store::enqueue(&mut tx, &topology.event(&started("req-fine")))
+    tx.enqueue(&topology.event(&started("req-fine")))
         .await
         .expect("enqueue good");
     tx.commit().await.expect("commit");

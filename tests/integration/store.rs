@@ -38,26 +38,26 @@ fn new_task(request_id: &str) -> NewTask {
 async fn processing_task(store: &Store, request_id: &str, started_at: DateTime<Utc>) -> Task {
     let mut tx = store.begin().await.unwrap();
     assert_eq!(
-        Store::insert(&mut tx, &new_task(request_id), TaskStatus::Pending)
+        tx.insert_task(&new_task(request_id), TaskStatus::Pending)
             .await
             .unwrap(),
         Inserted::New
     );
-    let task = Store::transition(
-        &mut tx,
-        request_id,
-        &[TaskStatus::Pending],
-        TaskStatus::Processing,
-        &TransitionPatch {
-            provider_task_id: Some(format!("video_{request_id}")),
-            start_tracking_at: Some(started_at),
-            next_check_at: Some(started_at),
-            ..TransitionPatch::default()
-        },
-    )
-    .await
-    .unwrap()
-    .expect("pending → processing");
+    let task = tx
+        .transition(
+            request_id,
+            &[TaskStatus::Pending],
+            TaskStatus::Processing,
+            &TransitionPatch {
+                provider_task_id: Some(format!("video_{request_id}")),
+                start_tracking_at: Some(started_at),
+                next_check_at: Some(started_at),
+                ..TransitionPatch::default()
+            },
+        )
+        .await
+        .unwrap()
+        .expect("pending → processing");
     tx.commit().await.unwrap();
     assert_eq!(task.check_sequence, 0);
     task
@@ -70,7 +70,8 @@ async fn transition(
     to: TaskStatus,
 ) -> Option<Task> {
     let mut tx = store.begin().await.unwrap();
-    let moved = Store::transition(&mut tx, request_id, from, to, &TransitionPatch::default())
+    let moved = tx
+        .transition(request_id, from, to, &TransitionPatch::default())
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -219,9 +220,7 @@ async fn concurrent_outbox_claims_never_return_the_same_row_twice() {
                 provider_task_id: format!("video_{i}"),
                 started_at: Utc::now(),
             };
-            Store::enqueue(&mut tx, &topology.event(&event))
-                .await
-                .unwrap();
+            tx.enqueue(&topology.event(&event)).await.unwrap();
         }
         tx.commit().await.unwrap();
         assert_eq!(store.outbox_len().await.unwrap(), 50);
@@ -229,10 +228,7 @@ async fn concurrent_outbox_claims_never_return_the_same_row_twice() {
         // Two relays claim at the same time, each in its own transaction.
         let mut first = store.begin().await.unwrap();
         let mut second = store.begin().await.unwrap();
-        let (a, b) = tokio::join!(
-            Store::claim_outbox(&mut first, 30),
-            Store::claim_outbox(&mut second, 30),
-        );
+        let (a, b) = tokio::join!(first.claim_outbox(30), second.claim_outbox(30),);
         let (a, b) = (a.unwrap(), b.unwrap());
         let ids_a: BTreeSet<i64> = a.iter().map(|r| r.id).collect();
         let ids_b: BTreeSet<i64> = b.iter().map(|r| r.id).collect();
@@ -254,11 +250,13 @@ async fn concurrent_outbox_claims_never_return_the_same_row_twice() {
             .all(|r| r.envelope.message_type == "VideoGenerationStarted"));
 
         let ids: Vec<i64> = ids_a.iter().chain(&ids_b).copied().collect();
-        Store::delete_outbox(&mut first, &ids_a.iter().copied().collect::<Vec<_>>())
+        first
+            .delete_outbox(&ids_a.iter().copied().collect::<Vec<_>>())
             .await
             .unwrap();
         first.commit().await.unwrap();
-        Store::delete_outbox(&mut second, &ids_b.iter().copied().collect::<Vec<_>>())
+        second
+            .delete_outbox(&ids_b.iter().copied().collect::<Vec<_>>())
             .await
             .unwrap();
         second.commit().await.unwrap();

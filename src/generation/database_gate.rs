@@ -12,7 +12,7 @@ use crate::store::Store;
 /// While the database is known to be down, handlers wait here for it instead of failing one
 /// message after another (each failure would cost a delayed retry). One waiter probes at a time.
 #[derive(Debug, Default)]
-pub(crate) struct DatabaseGate {
+pub(super) struct DatabaseGate {
     down: AtomicBool,
     probe: tokio::sync::Mutex<()>,
 }
@@ -20,12 +20,12 @@ pub(crate) struct DatabaseGate {
 /// How long a delivery waits at a closed gate before it goes to a delayed retry instead. Well
 /// under RabbitMQ's `consumer_timeout` (30 min by default), which closes a channel that holds a
 /// delivery unacknowledged for longer.
-pub(crate) const GATE_HOLD: Duration = Duration::from_secs(120);
+pub(super) const GATE_HOLD: Duration = Duration::from_secs(120);
 /// Pause between probes of a database that is down.
 const GATE_PROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// Why a delivery did not pass the gate.
-pub(crate) enum GateClosed {
+pub(super) enum GateClosed {
     /// The process is stopping.
     Stopping,
     /// The database did not answer within the hold.

@@ -1,0 +1,240 @@
+//! The generation orchestrator: the only component that changes a task's lifecycle status and
+//! publishes lifecycle events.
+//!
+//! It consumes `video.generation` (requests, cancels, provider outcomes). Every state change and
+//! the events it causes are written in one PostgreSQL unit of work (the outbox); the relay
+//! publishes them. Nothing about running tasks is held in memory: any instance can handle any
+//! message, so a cancel works wherever it lands.
+//!
+//! - [`request`](self): validation, the task row, the submit with backoff, `VideoGenerationStarted`
+//!   and the first check.
+//! - `ending`: cancels, provider outcomes, and the one sequence every ending goes through
+//!   (transition → terminal event → `VideoProgressTrackingCancelled` → webhook → commit).
+//! - `database_gate`: while PostgreSQL is down, deliveries wait for it instead of failing.
+
+mod database_gate;
+mod ending;
+mod request;
+mod validation;
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::broker::{delivery_span, Handler, Incoming, Outcome};
+use crate::config::{GenerationSettings, TrackingSettings, WebhookSettings};
+use crate::messages::{Envelope, GenerationCommand, Meta, VideoGenerationCommandRejected};
+use crate::providers::Providers;
+use crate::store::{Store, StoreError, UnitOfWork};
+use crate::topology::Topology;
+use database_gate::{DatabaseGate, GateClosed, GATE_HOLD};
+
+/// What the orchestrator is built from.
+#[derive(Debug)]
+pub struct GenerationDeps {
+    /// Where tasks and the outbox live.
+    pub store: Store,
+    /// The configured providers and the routing of models to them.
+    pub providers: Providers,
+    /// Exchange and queue names, and the delay tiers for the first check.
+    pub topology: Topology,
+    /// `[generation]`: limits and submit backoff.
+    pub settings: GenerationSettings,
+    /// `[tracking]`: when the first progress check is due.
+    pub tracking: TrackingSettings,
+    /// `[webhooks]`: which callback URLs are allowed and how long deliveries are retried.
+    pub webhooks: WebhookSettings,
+    /// Notified after every commit that wrote to the outbox, so the relay publishes at once.
+    pub relay_wake: Arc<Notify>,
+    /// Interrupts submit backoff at shutdown (the message goes back to the queue).
+    pub stop: CancellationToken,
+}
+
+/// The generation orchestrator; one per process, shared by its consumer's deliveries.
+#[derive(Debug)]
+pub struct GenerationOrchestrator {
+    store: Store,
+    providers: Providers,
+    topology: Topology,
+    settings: GenerationSettings,
+    tracking: TrackingSettings,
+    webhooks: WebhookSettings,
+    relay_wake: Arc<Notify>,
+    stop: CancellationToken,
+    gate: DatabaseGate,
+}
+
+/// Why a message could not be handled now.
+#[derive(Debug, thiserror::Error)]
+enum HandleError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("shutting down")]
+    Shutdown,
+    /// A well-formed message the orchestrator will not act on: parked with this reason.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl GenerationOrchestrator {
+    /// Builds the orchestrator.
+    pub fn new(deps: GenerationDeps) -> Self {
+        Self {
+            store: deps.store,
+            providers: deps.providers,
+            topology: deps.topology,
+            settings: deps.settings,
+            tracking: deps.tracking,
+            webhooks: deps.webhooks,
+            relay_wake: deps.relay_wake,
+            stop: deps.stop,
+            gate: DatabaseGate::default(),
+        }
+    }
+
+    async fn dispatch(
+        &self,
+        command: GenerationCommand,
+        traceparent: Option<String>,
+        redelivered: bool,
+    ) -> Result<(), HandleError> {
+        match command {
+            GenerationCommand::Requested(r) => self.on_requested(r, traceparent, redelivered).await,
+            GenerationCommand::CancelRequested(c) => self.on_cancel(c, traceparent).await,
+            GenerationCommand::ProviderTaskFinished(f) => self.on_finished(f, traceparent).await,
+        }
+    }
+
+    /// Writes `envelope` to the outbox in `uow`, carrying the delivery's trace context.
+    async fn enqueue(
+        &self,
+        uow: &mut UnitOfWork,
+        envelope: &Envelope,
+        traceparent: &Option<String>,
+    ) -> Result<(), HandleError> {
+        let envelope = envelope.clone().with_traceparent(traceparent.clone());
+        uow.enqueue(&envelope).await?;
+        Ok(())
+    }
+
+    /// Commits `uow` and wakes the relay for the events it wrote.
+    async fn commit(&self, uow: UnitOfWork) -> Result<(), HandleError> {
+        uow.commit().await?;
+        self.relay_wake.notify_one();
+        Ok(())
+    }
+
+    /// Publishes the rejection (in a unit of its own) and counts it.
+    async fn reject(
+        &self,
+        rejection: Rejection<'_>,
+        traceparent: &Option<String>,
+    ) -> Result<(), HandleError> {
+        let mut uow = self.store.begin().await?;
+        self.enqueue(
+            &mut uow,
+            &self.topology.event(&rejection.event()),
+            traceparent,
+        )
+        .await?;
+        self.commit(uow).await?;
+        rejection.count();
+        Ok(())
+    }
+}
+
+/// A command refused with `VideoGenerationCommandRejected`.
+struct Rejection<'a> {
+    /// The refused command's type name.
+    command: &'static str,
+    /// The `reason` label of `video_generation_commands_rejected_total`.
+    label: &'static str,
+    request_id: &'a str,
+    virtual_key_id: &'a str,
+    /// What the publisher reads in the event.
+    reason: &'a str,
+}
+
+impl Rejection<'_> {
+    fn event(&self) -> VideoGenerationCommandRejected {
+        VideoGenerationCommandRejected {
+            meta: Meta::new(),
+            request_id: self.request_id.to_owned(),
+            virtual_key_id: self.virtual_key_id.to_owned(),
+            command: self.command.to_owned(),
+            reason: self.reason.to_owned(),
+        }
+    }
+
+    fn count(&self) {
+        count_rejected(self.command, self.label);
+    }
+}
+
+fn count_rejected(command: &'static str, reason: &'static str) {
+    metrics::counter!("video_generation_commands_rejected_total", "command" => command, "reason" => reason)
+        .increment(1);
+}
+
+impl Handler for GenerationOrchestrator {
+    async fn handle(&self, incoming: Incoming) -> Outcome {
+        let span = delivery_span(&incoming);
+        async {
+            if incoming.body.len() > self.settings.max_message_bytes {
+                metrics::counter!("video_poison_messages_total", "queue" => "generation")
+                    .increment(1);
+                return Outcome::Park(format!(
+                    "body is {} bytes; the limit is {} (generation.max_message_bytes)",
+                    incoming.body.len(),
+                    self.settings.max_message_bytes
+                ));
+            }
+            let command = match GenerationCommand::decode(
+                incoming.message_type.as_deref(),
+                &incoming.routing_key,
+                &incoming.body,
+            ) {
+                Ok(c) => c,
+                Err(e) => {
+                    metrics::counter!("video_poison_messages_total", "queue" => "generation")
+                        .increment(1);
+                    return Outcome::Park(e.to_string());
+                }
+            };
+            let span = tracing::Span::current();
+            span.record("request_id", command.request_id());
+            span.record("virtual_key", command.virtual_key_id());
+            span.record("message_type", command.name());
+            match self.gate.pass(&self.store, &self.stop, GATE_HOLD).await {
+                Ok(()) => {}
+                Err(GateClosed::Stopping) => return Outcome::Return,
+                Err(GateClosed::StillDown) => {
+                    return Outcome::Retry("database unavailable".to_owned())
+                }
+            }
+            let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
+            // A retry is our own message coming back: resume it like a redelivery.
+            let redelivered = incoming.redelivered || incoming.retry_attempt > 0;
+            match self.dispatch(command, Some(traceparent), redelivered).await {
+                Ok(()) => Outcome::Ack,
+                Err(HandleError::Shutdown) => Outcome::Return,
+                Err(HandleError::Refused(reason)) => Outcome::Park(reason),
+                Err(HandleError::Store(e)) if e.is_transient() => {
+                    self.gate.close();
+                    metrics::counter!("video_generation_errors_total", "kind" => "database")
+                        .increment(1);
+                    Outcome::Retry(format!("database unavailable: {e}"))
+                }
+                Err(HandleError::Store(e)) => {
+                    metrics::counter!("video_generation_errors_total", "kind" => "data")
+                        .increment(1);
+                    Outcome::Park(format!("the database refused the message's data: {e}"))
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
