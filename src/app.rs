@@ -85,9 +85,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    /// Webhook HTTP client.
-    #[error("webhook client: {0}")]
-    Webhooks(#[from] reqwest::Error),
 }
 
 /// A built, not yet running, service.
