@@ -1,15 +1,19 @@
-//! HTTP: `/healthz`, `/readyz`, `/metrics` (Prometheus text) and `GET /v1/tasks/{requestId}`.
+//! HTTP: `/healthz`, `/readyz`, `/metrics` (Prometheus text) and `GET /v1/tasks/{requestId}`
+//! (`Authorization: Bearer <API key>`; another tenant's task is indistinguishable from a missing one).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use tracing::warn;
+
+use crate::auth::{self, AuthError};
 use crate::broker::Broker;
 use crate::store::{Store, TaskView};
 
@@ -149,26 +153,41 @@ async fn metrics_endpoint() -> Response {
         .into_response()
 }
 
+fn error(code: StatusCode, text: &str) -> Response {
+    (code, Json(serde_json::json!({ "error": text }))).into_response()
+}
+
 async fn task(
     State(state): State<HttpState>,
     Path(request_id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let key = headers.get("x-virtual-key").and_then(|v| v.to_str().ok());
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let caller = match auth::authenticate(&state.store, authorization).await {
+        Ok(caller) => caller,
+        Err(AuthError::Unavailable(e)) => {
+            warn!(error = %e, "API key lookup failed");
+            return error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable");
+        }
+        Err(e) => {
+            let mut response = error(StatusCode::UNAUTHORIZED, &e.to_string());
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    };
     match state.store.get(&request_id).await {
-        // Someone else's task is indistinguishable from a missing one.
-        Ok(Some(t)) if Some(t.virtual_key_id.as_str()) == key => {
+        Ok(Some(t)) if caller.may_read(&t.virtual_key_id) => {
             Json(TaskView::from(&t)).into_response()
         }
-        Ok(_) => (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({"error": "not found"})),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": format!("database unavailable: {e}")})),
-        )
-            .into_response(),
+        Ok(_) => error(StatusCode::NOT_FOUND, "not found"),
+        Err(e) => {
+            warn!(error = %e, "task lookup failed");
+            error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
+        }
     }
 }

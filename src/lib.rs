@@ -24,6 +24,7 @@
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
 pub mod app;
+pub mod auth;
 pub mod batching;
 pub mod bench;
 pub mod broker;

@@ -9,6 +9,7 @@
 //! domain methods on [`Store`] and, for several statements that must commit together, a
 //! [`UnitOfWork`].
 
+mod api_keys;
 mod checks;
 mod leases;
 mod outbox;
@@ -28,6 +29,7 @@ use sqlx::PgPool;
 
 use crate::config::DatabaseSettings;
 
+pub use api_keys::ApiKeyRecord;
 pub use checks::CheckAdvance;
 use checks::CheckBatches;
 pub use leases::LeaseScope;

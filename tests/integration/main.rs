@@ -5,6 +5,7 @@ mod generation;
 mod helpers;
 mod operations;
 mod proxy;
+mod security;
 mod service;
 mod store;
 mod topology;

@@ -8,6 +8,7 @@ use lapin::BasicProperties;
 use secrecy::ExposeSecret;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
+use video_orchestrator::auth;
 use video_orchestrator::client::{new_request, Client};
 use video_orchestrator::providers::sim::{SimProvider, SimSettings};
 use video_orchestrator::store::TaskStatus;
@@ -113,9 +114,15 @@ async fn the_task_endpoint_answers_only_the_owning_virtual_key() {
         .expect("completed");
     let url = format!("http://{}/v1/tasks/{id}", service.http);
     let http = reqwest::Client::new();
+    let owner_key = auth::create_key(&env.store, "vk-owner", "owner", false)
+        .await
+        .unwrap();
+    let other_key = auth::create_key(&env.store, "vk-other", "other", false)
+        .await
+        .unwrap();
     let owner = http
         .get(&url)
-        .header("X-Virtual-Key", "vk-owner")
+        .bearer_auth(owner_key.key.expose_secret())
         .send()
         .await
         .unwrap();
@@ -135,13 +142,24 @@ async fn the_task_endpoint_answers_only_the_owning_virtual_key() {
     assert_eq!(body["progress"], 100);
     let other = http
         .get(&url)
-        .header("X-Virtual-Key", "vk-other")
+        .bearer_auth(other_key.key.expose_secret())
         .send()
         .await
         .unwrap();
     assert_eq!(other.status(), 404);
     let none = http.get(&url).send().await.unwrap();
-    assert_eq!(none.status(), 404);
+    assert_eq!(none.status(), 401);
+    let claimed = http
+        .get(&url)
+        .header("X-Virtual-Key", "vk-owner")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.status(),
+        401,
+        "a claimed tenant is not a credential"
+    );
 
     let metrics = http
         .get(format!("http://{}/metrics", service.http))

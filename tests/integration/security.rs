@@ -1,0 +1,169 @@
+//! Who may read what over HTTP: per-tenant API keys, admin keys, revocation.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+use video_orchestrator::auth;
+use video_orchestrator::http::{router, HttpState};
+use video_orchestrator::store::{NewTask, TaskStatus};
+
+use crate::helpers::TestEnv;
+
+async fn serve(env: &TestEnv, stop: CancellationToken) -> std::net::SocketAddr {
+    let state = HttpState {
+        broker: env.broker().await,
+        store: env.store.clone(),
+        consumers_running: Arc::new(AtomicBool::new(true)),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+            .unwrap();
+    });
+    addr
+}
+
+async fn insert(env: &TestEnv, request_id: &str, virtual_key_id: &str) {
+    let mut uow = env.store.begin().await.unwrap();
+    let task = NewTask {
+        request_id: request_id.to_owned(),
+        virtual_key_id: virtual_key_id.to_owned(),
+        model: "sora-2".to_owned(),
+        prompt: "a lighthouse".to_owned(),
+        provider: "sim".to_owned(),
+        ..NewTask::default()
+    };
+    uow.insert_task(&task, TaskStatus::Pending).await.unwrap();
+    uow.commit().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_task_api_answers_by_key_tenant_foreign_admin_and_revoked() {
+    let env = TestEnv::new().await;
+    let stop = CancellationToken::new();
+    let addr = serve(&env, stop.clone()).await;
+    let id_a = format!("{}sec-a", env.prefix);
+    insert(&env, &id_a, "vk-a").await;
+
+    let tenant_a = auth::create_key(&env.store, "vk-a", "a", false)
+        .await
+        .unwrap();
+    let tenant_b = auth::create_key(&env.store, "vk-b", "b", false)
+        .await
+        .unwrap();
+    let admin = auth::create_key(&env.store, "ops", "ops", true)
+        .await
+        .unwrap();
+    let revoked = auth::create_key(&env.store, "vk-a", "old", false)
+        .await
+        .unwrap();
+    assert!(env.store.revoke_api_key(&revoked.record.id).await.unwrap());
+    assert!(!env.store.revoke_api_key(&revoked.record.id).await.unwrap());
+
+    let http = reqwest::Client::new();
+    let get = |id: String, key: Option<String>| {
+        let mut request = http.get(format!("http://{addr}/v1/tasks/{id}"));
+        if let Some(key) = key {
+            request = request.header("Authorization", key);
+        }
+        async move { request.send().await.unwrap() }
+    };
+    let bearer = |k: &auth::CreatedKey| Some(format!("Bearer {}", k.key.expose_secret()));
+    let wrong_secret = {
+        let k = tenant_a.key.expose_secret();
+        let flipped = if k.ends_with('0') { '1' } else { '0' };
+        Some(format!("Bearer {}{flipped}", &k[..k.len() - 1]))
+    };
+    let cases: Vec<(&str, Option<String>, &str, u16)> = vec![
+        ("own tenant", bearer(&tenant_a), &id_a, 200),
+        (
+            "own tenant, scheme in lower case",
+            bearer(&tenant_a).map(|h| h.replacen("Bearer", "bearer", 1)),
+            &id_a,
+            200,
+        ),
+        ("another tenant", bearer(&tenant_b), &id_a, 404),
+        ("admin", bearer(&admin), &id_a, 200),
+        (
+            "own tenant, missing task",
+            bearer(&tenant_a),
+            "no-such-task",
+            404,
+        ),
+        ("revoked", bearer(&revoked), &id_a, 401),
+        ("no key", None, &id_a, 401),
+        (
+            "not bearer",
+            Some(format!("Basic {}", tenant_a.key.expose_secret())),
+            &id_a,
+            401,
+        ),
+        (
+            "malformed",
+            Some("Bearer vo_nothex_zz".to_owned()),
+            &id_a,
+            401,
+        ),
+        ("right id, wrong secret", wrong_secret, &id_a, 401),
+    ];
+    for (what, key, id, expected) in cases {
+        let response = get(id.to_owned(), key).await;
+        assert_eq!(response.status().as_u16(), expected, "{what}");
+        if expected == 401 {
+            assert_eq!(
+                response
+                    .headers()
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap()),
+                Some("Bearer"),
+                "{what}: 401 names the scheme"
+            );
+        }
+        if expected == 200 {
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["virtualKeyId"], "vk-a", "{what}");
+        }
+    }
+    let used = env
+        .store
+        .api_key(&tenant_a.record.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(used.last_used_at.is_some(), "a use is recorded");
+    let unused = env
+        .store
+        .api_key(&tenant_b.record.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(unused.secret_sha256.len() == 32 && unused.revoked_at.is_none());
+    let listed = env.store.list_api_keys().await.unwrap();
+    for k in [&tenant_a, &tenant_b, &admin, &revoked] {
+        assert!(listed.iter().any(|r| r.id == k.record.id));
+        let row = serde_json::to_string(&k.record).unwrap();
+        assert!(
+            !row.contains(k.key.expose_secret()),
+            "the secret is never in a stored row"
+        );
+    }
+    stop.cancel();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_key_cannot_be_made_for_an_unusable_virtual_key() {
+    let env = TestEnv::new().await;
+    for bad in ["", "  ", "a\u{0}b", &"x".repeat(201)] {
+        assert!(
+            auth::create_key(&env.store, bad, "n", false).await.is_err(),
+            "{bad:?} refused"
+        );
+    }
+    env.cleanup().await;
+}
