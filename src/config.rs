@@ -281,6 +281,9 @@ pub struct WebhookSettings {
     pub timeout_ms: u64,
     /// Give up after retrying this long.
     pub max_retry_ms: u64,
+    /// Also send the earlier `X-Webhook-Signature` (HMAC of `timestamp.body` with `secret`) for
+    /// receivers written before Standard Webhooks signing.
+    pub legacy_signature: bool,
 }
 
 /// `[shutdown]`

@@ -23,6 +23,8 @@ pub struct DueWebhook {
     pub body: Vec<u8>,
     /// Attempts including this one.
     pub attempts: i32,
+    /// The tenant whose secrets sign it (absent on rows written before per-tenant secrets).
+    pub virtual_key_id: Option<String>,
 }
 
 impl UnitOfWork {
@@ -38,8 +40,9 @@ impl UnitOfWork {
         give_up_after: Duration,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO webhook_deliveries (request_id, message_id, event_type, url, body, give_up_at)
-             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6))",
+            "INSERT INTO webhook_deliveries (request_id, message_id, event_type, url, body, give_up_at,
+                 virtual_key_id)
+             VALUES ($1, $2, $3, $4, $5, now() + make_interval(secs => $6), $7)",
         )
         .bind(request_id)
         .bind(&event.message_id)
@@ -47,6 +50,7 @@ impl UnitOfWork {
         .bind(url)
         .bind(&event.body)
         .bind(give_up_after.as_secs_f64())
+        .bind(&event.virtual_key)
         .execute(self.conn())
         .await?;
         Ok(())
@@ -71,7 +75,7 @@ impl Store {
              WHERE id IN (SELECT id FROM webhook_deliveries
                           WHERE delivered_at IS NULL AND next_attempt_at <= now() AND give_up_at > now()
                           ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-             RETURNING id, message_id, event_type, url, body, attempts",
+             RETURNING id, message_id, event_type, url, body, attempts, virtual_key_id",
         )
         .bind(lease.as_secs_f64())
         .bind(limit)
@@ -86,6 +90,7 @@ impl Store {
                     url: r.try_get("url")?,
                     body: r.try_get("body")?,
                     attempts: r.try_get("attempts")?,
+                    virtual_key_id: r.try_get("virtual_key_id")?,
                 })
             })
             .collect::<Result<_, sqlx::Error>>()
@@ -127,5 +132,51 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(())
+    }
+
+    /// Adds a signing secret for `virtual_key_id`; the tenant's earlier secrets keep signing for
+    /// `overlap` more (zero: they stop at once).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn add_webhook_secret(
+        &self,
+        virtual_key_id: &str,
+        secret: &str,
+        overlap: Duration,
+    ) -> Result<(), StoreError> {
+        let mut uow = self.begin().await?;
+        sqlx::query(
+            "UPDATE webhook_secrets SET expires_at = now() + make_interval(secs => $2)
+             WHERE virtual_key_id = $1 AND (expires_at IS NULL OR expires_at > now() + make_interval(secs => $2))",
+        )
+        .bind(virtual_key_id)
+        .bind(overlap.as_secs_f64())
+        .execute(uow.conn())
+        .await?;
+        sqlx::query("INSERT INTO webhook_secrets (virtual_key_id, secret) VALUES ($1, $2)")
+            .bind(virtual_key_id)
+            .bind(secret)
+            .execute(uow.conn())
+            .await?;
+        uow.commit().await
+    }
+
+    /// The tenant's secrets that sign now, newest first.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn live_webhook_secrets(
+        &self,
+        virtual_key_id: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT secret FROM webhook_secrets
+             WHERE virtual_key_id = $1 AND (expires_at IS NULL OR expires_at > now())
+             ORDER BY created_at DESC, id DESC",
+        )
+        .bind(virtual_key_id)
+        .fetch_all(self.pool())
+        .await?)
     }
 }

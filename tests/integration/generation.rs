@@ -21,6 +21,7 @@ use video_orchestrator::messages::{
 };
 use video_orchestrator::providers::sim::SimHandle;
 use video_orchestrator::store::{Task, TaskStatus};
+use video_orchestrator::webhooks;
 
 use crate::helpers::{header, Event, EventCollector, TestEnv};
 use crate::service::{env_with, eventually, start_sim, Instance};
@@ -842,6 +843,17 @@ async fn a_webhook_receiver_gets_the_signed_terminal_event_after_failing_twice()
             ),
             "the signature depends on the secret"
         );
+        let standard = standard_signature(hit);
+        assert!(
+            webhooks::verify_standard(
+                "test-webhook-secret",
+                &standard.id,
+                standard.timestamp,
+                &hit.body,
+                &standard.signature
+            ),
+            "attempt {i}: a tenant without secrets is signed with webhooks.secret"
+        );
         let body: serde_json::Value =
             serde_json::from_slice(&hit.body).expect("the webhook body is JSON");
         assert_eq!(body, bus_body, "attempt {i}: same event as on the bus");
@@ -855,6 +867,74 @@ async fn a_webhook_receiver_gets_the_signed_terminal_event_after_failing_twice()
         .count();
     assert_eq!(others, 0);
 
+    h.stop().await;
+    receiver.shutdown().await;
+}
+
+struct StandardSignature {
+    id: String,
+    timestamp: i64,
+    signature: String,
+}
+
+fn standard_signature(hit: &Hit) -> StandardSignature {
+    StandardSignature {
+        id: header_str(hit, webhooks::STANDARD_ID_HEADER).to_owned(),
+        timestamp: header_str(hit, webhooks::STANDARD_TIMESTAMP_HEADER)
+            .parse()
+            .expect("webhook-timestamp is unix seconds"),
+        signature: header_str(hit, webhooks::STANDARD_SIGNATURE_HEADER).to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_rotating_its_webhook_secret_gets_deliveries_signed_by_both() {
+    let receiver = Receiver::start(0).await;
+    let h = Harness::start(1000).await;
+    let (old, new, stranger) = (
+        webhooks::new_secret(),
+        webhooks::new_secret(),
+        webhooks::new_secret(),
+    );
+    let store = &h.env.store;
+    store
+        .add_webhook_secret("vk-rotating", &old, Duration::ZERO)
+        .await
+        .unwrap();
+    store
+        .add_webhook_secret("vk-rotating", &new, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    store
+        .add_webhook_secret("vk-elsewhere", &stranger, Duration::ZERO)
+        .await
+        .unwrap();
+    let mut request = new_request("vk-rotating", "sora-2", "sign me twice");
+    request.callback_url = Some(receiver.url.clone());
+    let id = h.submit(&request).await;
+    expect_event(&h.events, COMPLETED, &id).await;
+    let hit = eventually(Duration::from_secs(20), || async {
+        receiver.hits().into_iter().next()
+    })
+    .await
+    .expect("the webhook arrives");
+    let s = standard_signature(&hit);
+    assert_eq!(s.signature.split(' ').count(), 2, "{}", s.signature);
+    for (name, secret) in [("old", &old), ("new", &new)] {
+        assert!(
+            webhooks::verify_standard(secret, &s.id, s.timestamp, &hit.body, &s.signature),
+            "the {name} secret verifies during the overlap"
+        );
+    }
+    for (name, secret) in [
+        ("another tenant's", &stranger),
+        ("the global", &"test-webhook-secret".to_owned()),
+    ] {
+        assert!(
+            !webhooks::verify_standard(secret, &s.id, s.timestamp, &hit.body, &s.signature),
+            "{name} secret does not sign this tenant's deliveries"
+        );
+    }
     h.stop().await;
     receiver.shutdown().await;
 }
