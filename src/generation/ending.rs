@@ -12,7 +12,7 @@ use crate::messages::{
     VideoProgressTrackingCancelled, VideoProviderTaskFinished,
 };
 use crate::providers::{CancelOutcome, ProviderTask};
-use crate::store::{Inserted, NewTask, Task, TaskStatus, TransitionPatch, UnitOfWork};
+use crate::store::{Inserted, Task, TaskStatus, TransitionPatch, UnitOfWork};
 use crate::webhooks;
 
 /// A lifecycle ending: which transition, and why tracking stops.
@@ -80,20 +80,16 @@ impl GenerationOrchestrator {
         let Some(task) = self.store.get(&c.request_id).await? else {
             // Leave a tombstone so a request arriving later is refused.
             let mut uow = self.store.begin().await?;
-            let tomb = NewTask {
-                request_id: c.request_id.clone(),
-                virtual_key_id: c.virtual_key_id.clone(),
-                traceparent,
-                ..NewTask::default()
-            };
-            let inserted = uow.insert_task(&tomb, TaskStatus::Cancelled).await?;
+            let inserted = uow
+                .insert_tombstone(&c.request_id, &c.virtual_key_id, traceparent.as_deref())
+                .await?;
             uow.commit().await?;
             if inserted == Inserted::New {
                 info!("cancel for an unknown request: tombstone left");
                 return Ok(());
             }
             // It appeared meanwhile: handle the cancel against it.
-            return Box::pin(self.on_cancel(c, tomb.traceparent)).await;
+            return Box::pin(self.on_cancel(c, traceparent)).await;
         };
         if task.virtual_key_id != c.virtual_key_id {
             warn!(owner = %task.virtual_key_id, "cancel refused: virtual key does not own the task");

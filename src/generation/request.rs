@@ -55,6 +55,27 @@ impl GenerationOrchestrator {
         };
         match uow.insert_task(&new_task, TaskStatus::Pending).await? {
             Inserted::New => uow.commit().await?,
+            Inserted::Exists(task) if task.virtual_key_id != r.virtual_key_id => {
+                if !task.tombstone {
+                    uow.rollback().await?;
+                    warn!(owner = %task.virtual_key_id, "request refused: the request id is another tenant's");
+                    let rejection = Rejection {
+                        command: VideoGenerationRequested::NAME,
+                        label: "request_id_taken",
+                        request_id: &r.request_id,
+                        virtual_key_id: &r.virtual_key_id,
+                        reason: "request_id_taken",
+                    };
+                    return self.reject(rejection, &traceparent).await;
+                }
+                // Another tenant's early cancel must not block this tenant's request.
+                if uow.take_over_tombstone(&new_task).await?.is_none() {
+                    uow.rollback().await?;
+                    return Box::pin(self.on_requested(r, traceparent, redelivered)).await;
+                }
+                uow.commit().await?;
+                info!(owner = %task.virtual_key_id, "another tenant's tombstone for this id gave way");
+            }
             Inserted::Exists(task) if task.status == TaskStatus::Pending => {
                 uow.commit().await?;
                 // Resume only what nobody is submitting: our own message redelivered after a

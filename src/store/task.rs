@@ -119,6 +119,9 @@ pub struct Task {
     pub last_check_at: Option<DateTime<Utc>>,
     /// Set with the terminal transition: a pending check dies on arrival.
     pub tracking_stopped: bool,
+    /// Left by a cancel that arrived before its request: refuses that tenant's request later,
+    /// and gives way to another tenant's.
+    pub tombstone: bool,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Task {
@@ -155,6 +158,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Task {
             next_check_at: row.try_get("next_check_at")?,
             last_check_at: row.try_get("last_check_at")?,
             tracking_stopped: row.try_get("tracking_stopped")?,
+            tombstone: row.try_get("tombstone")?,
         })
     }
 }

@@ -33,6 +33,64 @@ impl UnitOfWork {
         )
     }
 
+    /// Leaves a tombstone for a request id nobody used yet: `virtual_key_id`'s request with that
+    /// id is refused later. Returns [`Inserted::Exists`] when the id is in use.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn insert_tombstone(
+        &mut self,
+        request_id: &str,
+        virtual_key_id: &str,
+        traceparent: Option<&str>,
+    ) -> Result<Inserted, StoreError> {
+        let done = sqlx::query(
+            "INSERT INTO video_tasks (request_id, virtual_key_id, traceparent, status, finished_at, tombstone)
+             VALUES ($1, $2, $3, 'cancelled', now(), true)
+             ON CONFLICT (request_id) DO NOTHING",
+        )
+        .bind(request_id)
+        .bind(virtual_key_id)
+        .bind(traceparent)
+        .execute(self.conn())
+        .await?;
+        if done.rows_affected() == 1 {
+            return Ok(Inserted::New);
+        }
+        Ok(Inserted::Exists(Box::new(self.task(request_id).await?)))
+    }
+
+    /// Turns another tenant's tombstone for this id into `task`, pending, as if the tombstone
+    /// had never been. `None` when the row is no longer another tenant's tombstone.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn take_over_tombstone(
+        &mut self,
+        task: &NewTask,
+    ) -> Result<Option<Task>, StoreError> {
+        Ok(sqlx::query_as::<_, Task>(
+            "UPDATE video_tasks SET virtual_key_id = $2, model = $3, prompt = $4,
+                 duration_seconds = $5, size = $6, provider = $7, callback_url = $8, metadata = $9,
+                 traceparent = $10, status = 'pending', message = NULL, finished_at = NULL,
+                 tracking_stopped = false, tombstone = false, created_at = now(), updated_at = now()
+             WHERE request_id = $1 AND tombstone AND virtual_key_id <> $2
+             RETURNING *",
+        )
+        .bind(&task.request_id)
+        .bind(&task.virtual_key_id)
+        .bind(&task.model)
+        .bind(&task.prompt)
+        .bind(task.duration_seconds)
+        .bind(&task.size)
+        .bind(&task.provider)
+        .bind(&task.callback_url)
+        .bind(&task.metadata)
+        .bind(&task.traceparent)
+        .fetch_optional(self.conn())
+        .await?)
+    }
+
     /// Records why a request was refused (the task was inserted as failed in this unit).
     ///
     /// # Errors

@@ -556,6 +556,54 @@ async fn a_cancel_before_the_request_leaves_a_tombstone_that_refuses_it() {
 }
 
 #[tokio::test]
+async fn another_tenants_early_cancel_does_not_block_a_request_and_a_taken_id_is_refused() {
+    let h = Harness::start(1000).await;
+    let request = new_request("vk-a", "sora-2", "mine, not theirs");
+    let id = request.request_id.clone();
+    h.client
+        .cancel(&id, "vk-b", Some("squatting".to_owned()))
+        .await
+        .expect("cancel published");
+    let tombstone = eventually(DONE, || async {
+        h.env.store.get(&id).await.expect("read the task")
+    })
+    .await
+    .expect("B's cancel leaves a tombstone");
+    assert!(tombstone.tombstone);
+    assert_eq!(tombstone.virtual_key_id, "vk-b");
+
+    h.submit(&request).await;
+    let completed = expect_event(&h.events, COMPLETED, &id).await;
+    assert_envelope(&completed, &id, "vk-a");
+    let task = h.task(&id).await;
+    assert_eq!(task.virtual_key_id, "vk-a");
+    assert!(!task.tombstone);
+
+    let mut theirs = new_request("vk-b", "sora-2", "same id, other tenant");
+    theirs.request_id = id.clone();
+    h.submit(&theirs).await;
+    let rejected = eventually(DONE, || async {
+        h.events
+            .all()
+            .into_iter()
+            .find(|e| e.is(REJECTED, &id) && e.body["virtualKeyId"] == "vk-b")
+    })
+    .await
+    .expect("B's request is refused visibly");
+    assert_eq!(rejected.body["reason"], "request_id_taken");
+    assert_eq!(rejected.body["command"], "VideoGenerationRequested");
+    assert_eq!(
+        h.sim.stats().submits,
+        1,
+        "only A's request reached the provider"
+    );
+    let task = h.task(&id).await;
+    assert_eq!(task.virtual_key_id, "vk-a", "A's task is untouched");
+    assert_eq!(task.status, TaskStatus::Completed);
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn outbox_rows_written_while_the_relay_is_down_are_published_after_restart() {
     let sim = start_sim(1000).await;
     let env = env_with(&sim, &[]).await;
