@@ -36,49 +36,42 @@
 //! window longer than their interval, plus sweeper re-arms. Duplicate checks: stale drops plus
 //! provider status calls beyond the checks a task's row recorded (`checks_count`).
 
+mod baseline;
+mod child;
 mod procfs;
 mod report;
 mod scrape;
+mod service;
 mod stats;
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::Connection as _;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, BrokerOptions, Publisher};
 use crate::config::Settings;
-use crate::messages::{Envelope, Meta, VideoProgressCheckRequested};
+use crate::messages::{Meta, VideoProgressCheckRequested};
 use crate::store::Store;
-use crate::topology::{Topology, VIRTUAL_KEY_HEADER};
+use crate::topology::Topology;
 
-use procfs::{broker_pid, concurrent_builds, loadavg, pid_status_kb, rss_mb, CpuSnapshot, Watched};
+use baseline::{HopTarget, RawLoop};
+use child::{free_port, ChildProc};
+use procfs::{broker_pid, concurrent_builds, loadavg, CpuSnapshot, Watched};
 pub use report::{
     render_human, BenchReport, CpuWindow, HopWindow, Integrity, LagMs, MachineInfo, MemoryPoint,
     RunConfig, ServiceWindow, Targets,
 };
-use scrape::{histogram_delta, Scrape};
+use service::{ServiceCounters, ServiceProc};
+use stats::round2;
 pub use stats::{histogram_max, histogram_quantile, lag_from_samples, percentile};
-use stats::{lag_from_histogram, per_1000, round2};
 
-/// Header the baseline loop carries its due time in (milliseconds since the epoch).
-const DUE_HEADER: &str = "x-bench-due-ms";
 /// A rate at or above this share of `population / interval` is bound by the population, not by
 /// the system: there is room for more.
 const POPULATION_BOUND: f64 = 0.9;
@@ -87,8 +80,6 @@ const POPULATION_BOUND: f64 = 0.9;
 const RAMP_GROWTH_PCT: usize = 150;
 /// Baseline and saturation ramps stop after this many steps.
 const MAX_RAMP_STEPS: usize = 6;
-/// Outcomes of `video_progress_checks_total` that ran the whole check path.
-const FULL_PATH_OUTCOMES: [&str; 3] = ["progressed", "unchanged", "finished"];
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -151,613 +142,6 @@ pub fn memory_interval_ms(tasks: usize, budget_per_sec: f64, tiers: &[u64]) -> u
         .copied()
         .find(|t| tasks as f64 * 1000.0 / *t as f64 <= budget_per_sec)
         .unwrap_or_else(|| tiers.last().copied().unwrap_or(1000))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Child processes
-
-/// A child process we started; killed if dropped, stopped with SIGTERM by [`ChildProc::stop`].
-#[derive(Debug)]
-struct ChildProc {
-    name: String,
-    child: tokio::process::Child,
-    pid: u32,
-    log: PathBuf,
-}
-
-impl ChildProc {
-    fn spawn(
-        name: &str,
-        exe: &Path,
-        args: &[&str],
-        env: &[(String, String)],
-        log: PathBuf,
-    ) -> anyhow::Result<Self> {
-        let file = std::fs::File::create(&log)
-            .with_context(|| format!("creating the log file {}", log.display()))?;
-        let child = tokio::process::Command::new(exe)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {name} ({})", exe.display()))?;
-        let pid = child
-            .id()
-            .with_context(|| format!("{name} exited at once"))?;
-        Ok(Self {
-            name: name.to_owned(),
-            child,
-            pid,
-            log,
-        })
-    }
-
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    }
-
-    /// SIGTERM, then SIGKILL after `grace`.
-    async fn stop(mut self, grace: Duration) {
-        if self.exited().is_some() {
-            return;
-        }
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!(
-                    "bench: {} (pid {}) did not stop within {grace:?}; killing it",
-                    self.name, self.pid
-                );
-                let _ = self.child.kill().await;
-            }
-        }
-    }
-}
-
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?)
-}
-
-/// The service as a child process.
-#[derive(Debug)]
-struct ServiceProc {
-    proc: ChildProc,
-    http: SocketAddr,
-    prefix: String,
-}
-
-impl ServiceProc {
-    /// `tiers`: the delay tiers of this service's (fresh) topology, when not the configured ones.
-    async fn start(
-        ctx: &Ctx,
-        prefix: &str,
-        interval_ms: u64,
-        tiers: Option<&[u64]>,
-        label: &str,
-    ) -> anyhow::Result<Self> {
-        let http = free_port()?;
-        let mut env: Vec<(String, String)> = vec![
-            ("APP__TOPOLOGY__PREFIX".into(), prefix.to_owned()),
-            (
-                "APP__DATABASE__URL".into(),
-                ctx.settings.database.url.expose_secret().to_owned(),
-            ),
-            ("APP__HTTP__LISTEN".into(), http.to_string()),
-            ("APP__PROVIDERS__SIM__BASE_URL".into(), ctx.sim_url.clone()),
-            (
-                "APP__TRACKING__MIN_INTERVAL_MS".into(),
-                interval_ms.to_string(),
-            ),
-            (
-                "APP__TRACKING__MAX_INTERVAL_MS".into(),
-                interval_ms.to_string(),
-            ),
-            (
-                "APP__RABBITMQ__CONNECTION_NAME".into(),
-                format!("video-orchestrator-bench {label}"),
-            ),
-            (
-                "RUST_LOG".into(),
-                std::env::var("VO_BENCH_SERVICE_LOG")
-                    .unwrap_or_else(|_| crate::telemetry::DEFAULT_FILTER.to_owned()),
-            ),
-        ];
-        if let Some(tiers) = tiers {
-            let list: Vec<String> = tiers.iter().map(u64::to_string).collect();
-            env.push(("APP__TRACKING__DELAY_TIERS_MS".into(), list.join(",")));
-        }
-        if ctx.settings.rabbitmq.urls.is_empty() {
-            env.push((
-                "APP__RABBITMQ__URL".into(),
-                ctx.settings.rabbitmq.url.expose_secret().to_owned(),
-            ));
-        }
-        let proc = ChildProc::spawn(
-            &format!("service {label}"),
-            &ctx.exe,
-            &["serve", "--roles", "tracking,sweeper"],
-            &env,
-            ctx.workdir.join(format!("service-{label}.log")),
-        )?;
-        let mut service = Self {
-            proc,
-            http,
-            prefix: prefix.to_owned(),
-        };
-        service.wait_ready(ctx).await?;
-        Ok(service)
-    }
-
-    fn pid(&self) -> u32 {
-        self.proc.pid
-    }
-
-    async fn wait_ready(&mut self, ctx: &Ctx) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let partitions = f64::from(ctx.settings.topology.partitions);
-        loop {
-            if let Some(status) = self.proc.exited() {
-                bail!(
-                    "the service exited during start-up ({status}); its log ({}):\n{}",
-                    self.proc.log.display(),
-                    self.proc.log_tail()
-                );
-            }
-            if let Ok(scrape) = self.scrape(ctx).await {
-                if scrape.sum("video_progress_owned_partitions", &[]) >= partitions {
-                    return Ok(());
-                }
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the service did not take its {partitions} partitions within 90 s; its log ({}):\n{}",
-                    self.proc.log.display(),
-                    self.proc.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    async fn scrape(&self, ctx: &Ctx) -> anyhow::Result<Scrape> {
-        let text = ctx
-            .http
-            .get(format!("http://{}/metrics", self.http))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
-        Ok(Scrape::parse(&text))
-    }
-
-    fn hwm_mb(&self) -> f64 {
-        pid_status_kb(self.pid(), "VmHWM:").map_or(0.0, |kb| round2(kb as f64 / 1024.0))
-    }
-
-    /// One measured window: checks, lag and CPU deltas, RSS sampled every 250 ms.
-    async fn measure(
-        &self,
-        ctx: &Ctx,
-        duration: Duration,
-        tracked_tasks: usize,
-        interval_ms: u64,
-    ) -> anyhow::Result<ServiceWindow> {
-        let before = self.scrape(ctx).await?;
-        let cpu_before = CpuSnapshot::take(ctx.watched(Some(self.pid())));
-        let end = Instant::now() + duration;
-        let mut rss = Vec::new();
-        while Instant::now() < end {
-            if let Some(mb) = rss_mb(self.pid()) {
-                rss.push(mb);
-            }
-            tokio::time::sleep(Duration::from_millis(250).min(end - Instant::now())).await;
-        }
-        let after = self.scrape(ctx).await?;
-        let cpu = CpuSnapshot::take(ctx.watched(Some(self.pid()))).since(&cpu_before);
-        if let Some(mb) = rss_mb(self.pid()) {
-            rss.push(mb);
-        }
-
-        let b = before.by_label("video_progress_checks_total", "outcome");
-        let a = after.by_label("video_progress_checks_total", "outcome");
-        let outcomes: BTreeMap<String, u64> = a
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.clone(),
-                    (v - b.get(k).copied().unwrap_or(0.0)).max(0.0) as u64,
-                )
-            })
-            .filter(|(_, v)| *v > 0)
-            .collect();
-        let full: u64 = FULL_PATH_OUTCOMES
-            .iter()
-            .map(|o| outcomes.get(*o).copied().unwrap_or(0))
-            .sum();
-        let progressed = outcomes.get("progressed").copied().unwrap_or(0);
-        let lag = histogram_delta(
-            &before.buckets("video_progress_scheduling_lag_seconds"),
-            &after.buckets("video_progress_scheduling_lag_seconds"),
-        );
-        let wall = cpu.wall_secs.max(0.001);
-        let full_f = full as f64;
-        let reconnects = (after.sum("video_broker_reconnects_total", &[])
-            - before.sum("video_broker_reconnects_total", &[]))
-        .max(0.0) as u64;
-        if reconnects > 0 {
-            bail!(
-                "the service reconnected to RabbitMQ during a measured window (was the broker \
-                 restarted by another process?); rerun when the machine is quiet"
-            );
-        }
-        Ok(ServiceWindow {
-            tracked_tasks,
-            interval_ms,
-            checks_per_sec: round2(full_f / wall),
-            progress_events_per_check: if full > 0 {
-                round2(progressed as f64 / full_f)
-            } else {
-                0.0
-            },
-            outcomes,
-            lag_ms: lag_from_histogram(&lag),
-            cpu_seconds_per_1000_checks: per_1000(cpu.service_cpu_secs, full_f),
-            broker_cpu_seconds_per_1000_checks: per_1000(cpu.broker_cpu_secs, full_f),
-            postgres_cpu_seconds_per_1000_checks: per_1000(cpu.postgres_cpu_secs, full_f),
-            sim_cpu_seconds_per_1000_checks: per_1000(cpu.sim_cpu_secs, full_f),
-            broker_reconnects: reconnects,
-            service_rss_mb: round2(rss.iter().copied().fold(0.0, f64::max)),
-            service_rss_mean_mb: round2(rss.iter().sum::<f64>() / rss.len().max(1) as f64),
-            cpu,
-        })
-    }
-
-    /// Integrity counters from the service's metrics (read before it stops).
-    async fn counters(&self, ctx: &Ctx) -> anyhow::Result<(u64, u64, u64, u64)> {
-        let s = self.scrape(ctx).await?;
-        Ok((
-            s.sum("video_progress_rearmed_total", &[]) as u64,
-            s.sum("video_progress_checks_total", &[("outcome", "stale")]) as u64,
-            s.sum("video_progress_checks_total", &[("outcome", "error")]) as u64,
-            s.sum("video_broker_republished_total", &[]) as u64,
-        ))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Baseline: the raw broker
-
-#[derive(Debug, Clone)]
-enum HopTarget {
-    /// Into the delay tier of this many milliseconds.
-    Tier(u64),
-    /// Straight back into `video.progress`.
-    Direct,
-}
-
-#[derive(Debug)]
-struct RawState {
-    hops: AtomicU64,
-    failures: AtomicU64,
-    measuring: AtomicBool,
-    lags_ms: Mutex<Vec<f64>>,
-    publishers: Vec<Channel>,
-    next_publisher: AtomicUsize,
-    exchange: String,
-    routing_key: String,
-    delay_ms: i64,
-}
-
-impl RawState {
-    fn publisher(&self) -> &Channel {
-        let i = self.next_publisher.fetch_add(1, Ordering::Relaxed) % self.publishers.len();
-        &self.publishers[i]
-    }
-}
-
-fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
-    let headers = props.headers().as_ref()?;
-    match headers.inner().get(&ShortString::from(name))? {
-        AMQPValue::LongLongInt(v) => Some(*v),
-        AMQPValue::LongInt(v) => Some(i64::from(*v)),
-        _ => None,
-    }
-}
-
-/// The minimal self-scheduling loop: every partition consumed with the service's prefetch, at
-/// most `concurrency` hops in flight, each publish awaiting its own confirm (many in flight on
-/// the shared confirm channel), ack after the confirm.
-#[derive(Debug)]
-struct RawLoop {
-    state: Arc<RawState>,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-    seeded: usize,
-    tenants: usize,
-    body: Vec<u8>,
-}
-
-impl RawLoop {
-    async fn start(
-        conn: &Connection,
-        topology: &Topology,
-        target: HopTarget,
-        prefetch: u16,
-        concurrency: usize,
-        tenants: usize,
-    ) -> anyhow::Result<Self> {
-        topology
-            .declare(conn)
-            .await
-            .context("declaring the baseline topology")?;
-        // The service's shape: one confirm channel shared by every publish.
-        let publisher = conn.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let (exchange, routing_key, delay_ms) = match target {
-            HopTarget::Tier(ms) => (
-                String::new(),
-                topology.delay_queue(ms),
-                i64::try_from(ms).unwrap_or(1000),
-            ),
-            HopTarget::Direct => (topology.progress_exchange(), String::new(), 0),
-        };
-        let state = Arc::new(RawState {
-            hops: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            measuring: AtomicBool::new(false),
-            lags_ms: Mutex::new(Vec::new()),
-            publishers: vec![publisher],
-            next_publisher: AtomicUsize::new(0),
-            exchange,
-            routing_key,
-            delay_ms,
-        });
-        let stop = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(concurrency));
-        for p in 0..topology.partitions() {
-            let channel = conn.create_channel().await?;
-            channel
-                .basic_qos(prefetch, BasicQosOptions::default())
-                .await?;
-            let consumer = channel
-                .basic_consume(
-                    topology.partition_queue(p).as_str().into(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            tasks.spawn(raw_consume(
-                channel,
-                consumer,
-                state.clone(),
-                limit.clone(),
-                stop.clone(),
-                tasks.clone(),
-            ));
-        }
-        let sample = VideoProgressCheckRequested {
-            meta: Meta::new(),
-            request_id: uuid::Uuid::new_v4().to_string(),
-            virtual_key_id: "vk-bench-000".to_owned(),
-            scheduled_at: crate::messages::now(),
-            interval_index: 0,
-            start_time: crate::messages::now(),
-            sequence: 0,
-        };
-        let body = Envelope::to_queue(topology.delay_queue(1000), &sample).body;
-        Ok(Self {
-            state,
-            stop,
-            tasks,
-            seeded: 0,
-            tenants,
-            body,
-        })
-    }
-
-    /// Adds `n` messages, spread over `pace` (so a closed loop through a tier is smooth).
-    async fn add(&mut self, n: usize, pace: Duration) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let tick = Duration::from_millis(20);
-        let ticks = (pace.as_millis() / tick.as_millis()).max(1) as usize;
-        let per_tick = n.div_ceil(ticks);
-        let mut sent = 0;
-        let mut i = 0u64;
-        while sent < n {
-            let batch = per_tick.min(n - sent);
-            let mut confirms = Vec::with_capacity(batch);
-            for _ in 0..batch {
-                let index = self.seeded + sent;
-                sent += 1;
-                let mut headers = FieldTable::default();
-                headers.insert(
-                    VIRTUAL_KEY_HEADER.into(),
-                    AMQPValue::LongString(tenant(index, self.tenants).as_str().into()),
-                );
-                headers.insert(
-                    DUE_HEADER.into(),
-                    AMQPValue::LongLongInt(now_ms() + self.state.delay_ms),
-                );
-                let props = BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(2)
-                    .with_message_id(uuid::Uuid::new_v4().to_string().as_str().into())
-                    .with_type("VideoProgressCheckRequested".into())
-                    .with_headers(headers);
-                let confirm = self
-                    .state
-                    .publisher()
-                    .basic_publish(
-                        self.state.exchange.as_str().into(),
-                        self.state.routing_key.as_str().into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..BasicPublishOptions::default()
-                        },
-                        &self.body,
-                        props,
-                    )
-                    .await?;
-                confirms.push(confirm);
-            }
-            for c in futures::future::join_all(confirms).await {
-                c.context("seeding the baseline")?;
-            }
-            i += 1;
-            let next = started + tick * u32::try_from(i).unwrap_or(u32::MAX);
-            if let Some(wait) = next.checked_duration_since(Instant::now()) {
-                tokio::time::sleep(wait).await;
-            }
-        }
-        self.seeded += n;
-        Ok(())
-    }
-
-    async fn measure(
-        &self,
-        warmup: Duration,
-        duration: Duration,
-        watched: Watched<'_>,
-    ) -> HopWindow {
-        tokio::time::sleep(warmup).await;
-        self.state
-            .lags_ms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        let cpu_before = CpuSnapshot::take(watched);
-        let hops_before = self.state.hops.load(Ordering::Relaxed);
-        let failures_before = self.state.failures.load(Ordering::Relaxed);
-        self.state.measuring.store(true, Ordering::Relaxed);
-        tokio::time::sleep(duration).await;
-        self.state.measuring.store(false, Ordering::Relaxed);
-        let hops = self.state.hops.load(Ordering::Relaxed) - hops_before;
-        let failures = self.state.failures.load(Ordering::Relaxed) - failures_before;
-        let cpu = CpuSnapshot::take(watched).since(&cpu_before);
-        let lags =
-            std::mem::take(&mut *self.state.lags_ms.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut lag = lag_from_samples(lags);
-        lag.p50 = round2(lag.p50);
-        lag.p99 = round2(lag.p99);
-        HopWindow {
-            population: self.seeded,
-            hops_per_sec: round2(hops as f64 / cpu.wall_secs.max(0.001)),
-            lag_ms: lag,
-            client_cpu_seconds_per_1000_hops: per_1000(cpu.driver_cpu_secs, hops as f64),
-            broker_cpu_seconds_per_1000_hops: per_1000(cpu.broker_cpu_secs, hops as f64),
-            failures,
-            cpu,
-        }
-    }
-
-    async fn shutdown(self) {
-        self.stop.cancel();
-        self.tasks.close();
-        let _ = tokio::time::timeout(Duration::from_secs(20), self.tasks.wait()).await;
-        for ch in &self.state.publishers {
-            let _ = ch.close(200, "bench over".into()).await;
-        }
-    }
-}
-
-async fn raw_consume(
-    channel: Channel,
-    mut consumer: lapin::Consumer,
-    state: Arc<RawState>,
-    limit: Arc<Semaphore>,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-) {
-    loop {
-        let permit = tokio::select! {
-            _ = stop.cancelled() => break,
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-        };
-        let next = tokio::select! {
-            _ = stop.cancelled() => break,
-            n = consumer.next() => n,
-        };
-        let Some(Ok(delivery)) = next else { break };
-        let state = state.clone();
-        tasks.spawn(async move {
-            let _permit = permit;
-            raw_hop(&state, delivery).await;
-        });
-    }
-    let _ = channel.close(200, "bench over".into()).await;
-}
-
-async fn raw_hop(state: &RawState, delivery: lapin::message::Delivery) {
-    let now = now_ms();
-    if state.measuring.load(Ordering::Relaxed) {
-        if let Some(due) = header_i64(&delivery.properties, DUE_HEADER) {
-            state
-                .lags_ms
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((now - due) as f64);
-        }
-    }
-    let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        DUE_HEADER.into(),
-        AMQPValue::LongLongInt(now + state.delay_ms),
-    );
-    let props = delivery.properties.clone().with_headers(headers);
-    let published = match state
-        .publisher()
-        .basic_publish(
-            state.exchange.as_str().into(),
-            state.routing_key.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &delivery.data,
-            props,
-        )
-        .await
-    {
-        Ok(confirm) => matches!(
-            confirm.await,
-            Ok(Confirmation::Ack(None) | Confirmation::NotRequested)
-        ),
-        Err(_) => false,
-    };
-    if published {
-        let _ = delivery.ack(BasicAckOptions::default()).await;
-        state.hops.fetch_add(1, Ordering::Relaxed);
-    } else {
-        state.failures.fetch_add(1, Ordering::Relaxed);
-        let _ = delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await;
-    }
 }
 
 fn tenant(index: usize, tenants: usize) -> String {
@@ -1558,7 +942,12 @@ async fn finish_service(
     window_start: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<Integrity> {
     let dead = dead_chains(ctx, tag, window_start).await?;
-    let (rearmed, stale, errors, republished) = service.counters(ctx).await?;
+    let ServiceCounters {
+        rearmed,
+        stale,
+        errors,
+        republished,
+    } = service.counters(ctx).await?;
     let prefix = service.prefix.clone();
     service.proc.stop(Duration::from_secs(45)).await;
     let double = double_processed(ctx, tag).await?;
