@@ -38,6 +38,7 @@
 
 mod baseline;
 mod child;
+mod db;
 mod procfs;
 mod report;
 mod scrape;
@@ -52,7 +53,6 @@ use anyhow::{bail, Context};
 use futures::StreamExt;
 use lapin::{Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::Connection as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerOptions, Publisher};
@@ -207,20 +207,9 @@ async fn insert_tasks(
             .collect();
         let offsets: Vec<f64> =
             offsets_secs[chunk_no * 5000..chunk_no * 5000 + chunk.len()].to_vec();
-        sqlx::query(
-            "INSERT INTO video_tasks (request_id, virtual_key_id, model, prompt, provider,
-                 provider_task_id, status, started_at, check_sequence, next_check_at)
-             SELECT r, v, 'sim-bench', 'benchmark job', 'sim', p, 'processing', now(), 0,
-                 now() + make_interval(secs => o)
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::float8[]) AS t(r, v, p, o)",
-        )
-        .bind(&ids)
-        .bind(&keys)
-        .bind(chunk)
-        .bind(&offsets)
-        .execute(ctx.store.pool())
-        .await
-        .context("seeding video_tasks")?;
+        db::insert_processing_tasks(&ctx.store, &ids, &keys, chunk, &offsets)
+            .await
+            .context("seeding video_tasks")?;
         seeded.extend(
             ids.into_iter()
                 .zip(keys)
@@ -317,15 +306,7 @@ async fn dead_chains(
     tag: &str,
     since: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<u64> {
-    let n: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM video_tasks
-         WHERE request_id LIKE $1 AND status = 'processing' AND NOT tracking_stopped
-           AND (last_check_at IS NULL OR last_check_at < $2)",
-    )
-    .bind(format!("{tag}-%"))
-    .bind(since)
-    .fetch_one(ctx.store.pool())
-    .await?;
+    let n = db::count_stalled_chains(&ctx.store, tag, since).await?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
@@ -343,21 +324,17 @@ async fn double_processed(ctx: &Ctx, tag: &str) -> anyhow::Result<u64> {
     let calls = stats["statusCallsByJob"]
         .as_object()
         .context("/sim/stats without statusCallsByJob")?;
-    let rows: Vec<(Option<String>, i64, bool)> = sqlx::query_as(
-        "SELECT provider_task_id, checks_count, tracking_stopped FROM video_tasks
-         WHERE request_id LIKE $1",
-    )
-    .bind(format!("{tag}-%"))
-    .fetch_all(ctx.store.pool())
-    .await?;
     let mut extra = 0u64;
-    for (job, count, stopped) in rows {
-        let Some(job) = job else { continue };
+    for row in db::recorded_checks(&ctx.store, tag).await? {
+        let Some(job) = row.provider_task_id else {
+            continue;
+        };
         let made = calls
             .get(&job)
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0);
-        let allowed = u64::try_from(count).unwrap_or(0) + u64::from(stopped);
+        let allowed =
+            u64::try_from(row.checks_count).unwrap_or(0) + u64::from(row.tracking_stopped);
         extra += made.saturating_sub(allowed);
     }
     Ok(extra)
@@ -365,10 +342,7 @@ async fn double_processed(ctx: &Ctx, tag: &str) -> anyhow::Result<u64> {
 
 /// Stops every chain of `tag` (as a terminal transition would), so later sweepers leave them.
 async fn retire(ctx: &Ctx, tag: &str) -> anyhow::Result<()> {
-    sqlx::query("UPDATE video_tasks SET tracking_stopped = true WHERE request_id LIKE $1")
-        .bind(format!("{tag}-%"))
-        .execute(ctx.store.pool())
-        .await?;
+    db::stop_tracking_tag(&ctx.store, tag).await?;
     Ok(())
 }
 
@@ -422,29 +396,24 @@ fn database_url(settings: &Settings, name: &str) -> anyhow::Result<String> {
 
 async fn create_database(settings: &Settings, name: &str) -> anyhow::Result<()> {
     let opts = crate::store::connect_options(&settings.database)?;
-    let mut conn = sqlx::PgConnection::connect_with(&opts)
-        .await
-        .with_context(|| {
-            format!(
-                "PostgreSQL is not reachable at {} (start it, or set APP__DATABASE__URL)",
-                crate::app::describe_targets(settings).1
-            )
-        })?;
-    sqlx::query(&format!(r#"CREATE DATABASE "{name}""#))
-        .execute(&mut conn)
+    let mut conn = db::ServerConnection::open(&opts).await.with_context(|| {
+        format!(
+            "PostgreSQL is not reachable at {} (start it, or set APP__DATABASE__URL)",
+            crate::app::describe_targets(settings).1
+        )
+    })?;
+    conn.create_database(name)
         .await
         .with_context(|| format!("creating the bench database {name}"))?;
-    let _ = conn.close().await;
+    conn.close().await;
     Ok(())
 }
 
 async fn drop_database(settings: &Settings, name: &str) {
     if let Ok(opts) = crate::store::connect_options(&settings.database) {
-        if let Ok(mut conn) = sqlx::PgConnection::connect_with(&opts).await {
-            let _ = sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
-                .execute(&mut conn)
-                .await;
-            let _ = conn.close().await;
+        if let Ok(mut conn) = db::ServerConnection::open(&opts).await {
+            let _ = conn.drop_database(name).await;
+            conn.close().await;
         }
     }
 }
@@ -531,7 +500,7 @@ async fn cleanup(ctx: &Ctx) {
         }
         let _ = conn.close(200, "bench over".into()).await;
     }
-    ctx.store.pool().close().await;
+    db::close(&ctx.store).await;
     drop_database(&ctx.base_settings, &ctx.database).await;
 }
 
@@ -766,10 +735,7 @@ async fn measure_all(
         .filter(|(i, _)| !kept.contains(i))
         .map(|(_, t)| t.request_id.clone())
         .collect();
-    sqlx::query("UPDATE video_tasks SET tracking_stopped = true WHERE request_id = ANY($1)")
-        .bind(&stop_ids)
-        .execute(ctx.store.pool())
-        .await?;
+    db::stop_tracking(&ctx.store, &stop_ids).await?;
     // Stopped chains die on their next arrival; the backlog of saturation drains.
     tokio::time::sleep(opts.warmup + Duration::from_secs(3)).await;
     let window_start = chrono::Utc::now();
