@@ -1,11 +1,11 @@
-//! The baseline: a minimal lapin loop over the service's topology, whose hop rate is the ceiling
-//! the service's check rate is divided by.
+//! Phase 1, the baseline: a minimal lapin loop over the service's topology, whose hop rate is the
+//! ceiling the service's check rate is divided by.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -18,9 +18,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::procfs::{CpuSnapshot, Watched};
+use super::ramp::{climb, fastest};
 use super::report::HopWindow;
+use super::seeding::tenant;
 use super::stats::{lag_from_samples, per_1000, round2};
-use super::tenant;
+use super::{raw_connection, say, Ctx};
 use crate::messages::{Envelope, Meta, VideoProgressCheckRequested};
 use crate::topology::{Topology, VIRTUAL_KEY_HEADER};
 
@@ -28,7 +30,7 @@ use crate::topology::{Topology, VIRTUAL_KEY_HEADER};
 const DUE_HEADER: &str = "x-bench-due-ms";
 
 #[derive(Debug, Clone)]
-pub(super) enum HopTarget {
+enum HopTarget {
     /// Into the delay tier of this many milliseconds.
     Tier(u64),
     /// Straight back into `video.progress`.
@@ -72,7 +74,7 @@ fn header_i64(props: &BasicProperties, name: &str) -> Option<i64> {
 /// most `concurrency` hops in flight, each publish awaiting its own confirm (many in flight on
 /// the shared confirm channel), ack after the confirm.
 #[derive(Debug)]
-pub(super) struct RawLoop {
+struct RawLoop {
     state: Arc<RawState>,
     stop: CancellationToken,
     tasks: TaskTracker,
@@ -82,7 +84,7 @@ pub(super) struct RawLoop {
 }
 
 impl RawLoop {
-    pub(super) async fn start(
+    async fn start(
         conn: &Connection,
         topology: &Topology,
         target: HopTarget,
@@ -164,7 +166,7 @@ impl RawLoop {
     }
 
     /// Adds `n` messages, spread over `pace` (so a closed loop through a tier is smooth).
-    pub(super) async fn add(&mut self, n: usize, pace: Duration) -> anyhow::Result<()> {
+    async fn add(&mut self, n: usize, pace: Duration) -> anyhow::Result<()> {
         let started = Instant::now();
         let tick = Duration::from_millis(20);
         let ticks = (pace.as_millis() / tick.as_millis()).max(1) as usize;
@@ -221,7 +223,12 @@ impl RawLoop {
         Ok(())
     }
 
-    pub(super) async fn measure(
+    /// Adds messages until `population` circulate, spread over `pace`.
+    async fn fill_to(&mut self, population: usize, pace: Duration) -> anyhow::Result<()> {
+        self.add(population - self.seeded, pace).await
+    }
+
+    async fn measure(
         &self,
         warmup: Duration,
         duration: Duration,
@@ -258,7 +265,7 @@ impl RawLoop {
         }
     }
 
-    pub(super) async fn shutdown(self) {
+    async fn shutdown(self) {
         self.stop.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(20), self.tasks.wait()).await;
@@ -343,5 +350,116 @@ async fn raw_hop(state: &RawState, delivery: lapin::message::Delivery) {
                 ..BasicNackOptions::default()
             })
             .await;
+    }
+}
+
+/// Messages circulating in the first step of the ramp through the tier.
+const FIRST_POPULATION: usize = 2000;
+
+/// What the raw broker does on this machine.
+#[derive(Debug)]
+pub(super) struct Baseline {
+    /// The ramp through the shortest delay tier.
+    pub(super) steps: Vec<HopWindow>,
+    /// The fastest step: the ceiling the service's rate is divided by.
+    pub(super) ceiling: HopWindow,
+    /// Straight back into `video.progress`, no delay: for context.
+    pub(super) direct: HopWindow,
+}
+
+/// Phase 1: the raw loop through the shortest tier, ramped to saturation, then the direct hop.
+pub(super) async fn measure(ctx: &mut Ctx) -> anyhow::Result<Baseline> {
+    let conn = raw_connection(&ctx.settings, "video-orchestrator-bench baseline").await?;
+    let steps = ramp_through_tier(ctx, &conn).await?;
+    let ceiling = fastest(&steps).context("no baseline step")?;
+    let direct = direct_hop(ctx, &conn).await?;
+    let _ = conn.close(200, "baseline over".into()).await;
+    say(format!("direct hop: {:.0} hops/s", direct.hops_per_sec));
+    Ok(Baseline {
+        steps,
+        ceiling,
+        direct,
+    })
+}
+
+async fn ramp_through_tier(ctx: &mut Ctx, conn: &Connection) -> anyhow::Result<Vec<HopWindow>> {
+    let tier_ms = ctx.shortest_tier_ms();
+    let mut raw = start_loop(ctx, conn, "raw", HopTarget::Tier(tier_ms)).await?;
+    let ctx: &Ctx = ctx;
+    let steps = climb(FIRST_POPULATION, tier_ms, async |step, population| {
+        raw.fill_to(population, Duration::from_millis(tier_ms))
+            .await?;
+        let w = raw
+            .measure(ctx.options.warmup, ctx.options.duration, ctx.watched(None))
+            .await;
+        ensure_connected(conn, "baseline")?;
+        say(format!(
+            "baseline step {}: {} messages → {:.0} hops/s, lag p50 {:.1} ms p99 {:.1} ms, steal {:.1} %, other {:.1} s CPU",
+            step + 1,
+            w.population,
+            w.hops_per_sec,
+            w.lag_ms.p50,
+            w.lag_ms.p99,
+            w.cpu.steal_pct,
+            w.cpu.other_cpu_secs
+        ));
+        Ok(w)
+    })
+    .await?;
+    raw.shutdown().await;
+    Ok(steps)
+}
+
+async fn direct_hop(ctx: &mut Ctx, conn: &Connection) -> anyhow::Result<HopWindow> {
+    let mut direct = start_loop(ctx, conn, "direct", HopTarget::Direct).await?;
+    direct
+        .add(
+            ctx.settings.tracking.concurrency * 4,
+            Duration::from_millis(20),
+        )
+        .await?;
+    let window = direct
+        .measure(
+            ctx.options.warmup / 2,
+            ctx.options.duration / 2,
+            ctx.watched(None),
+        )
+        .await;
+    ensure_connected(conn, "direct hop")?;
+    direct.shutdown().await;
+    Ok(window)
+}
+
+/// A raw loop on a fresh topology `bench-<run>-<name>.`, with the service's prefetch and
+/// concurrency.
+async fn start_loop(
+    ctx: &mut Ctx,
+    conn: &Connection,
+    name: &str,
+    target: HopTarget,
+) -> anyhow::Result<RawLoop> {
+    let topology = ctx.new_topology(name, None);
+    let tracking = &ctx.settings.tracking;
+    RawLoop::start(
+        conn,
+        &topology,
+        target,
+        tracking.prefetch,
+        tracking.concurrency,
+        ctx.tenants,
+    )
+    .await
+}
+
+/// Fails the run when the broker connection dropped during a phase: on this shared machine that
+/// means someone restarted RabbitMQ, and the window's figures are meaningless.
+fn ensure_connected(conn: &Connection, phase: &str) -> anyhow::Result<()> {
+    if conn.status().connected() {
+        Ok(())
+    } else {
+        bail!(
+            "the RabbitMQ connection dropped during the {phase} phase (was the broker restarted by \
+             another process?); rerun when the machine is quiet"
+        )
     }
 }

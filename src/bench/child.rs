@@ -1,10 +1,13 @@
-//! Child processes: started with a log file, stopped with SIGTERM, killed if dropped.
+//! Child processes (the simulated provider, the service): started with a log file, stopped with
+//! SIGTERM, killed if dropped.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+
+use super::{say, Ctx};
 
 /// A child process we started; killed if dropped, stopped with SIGTERM by [`ChildProc::stop`].
 #[derive(Debug)]
@@ -80,4 +83,52 @@ impl ChildProc {
 pub(super) fn free_port() -> anyhow::Result<SocketAddr> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?)
+}
+
+/// Starts the simulated provider, out of process so its CPU and memory are not the service's,
+/// and waits until it answers; records its address and pid in `ctx`.
+pub(super) async fn start_sim_provider(ctx: &mut Ctx) -> anyhow::Result<ChildProc> {
+    let sim_addr = free_port()?;
+    let mut sim = ChildProc::spawn(
+        "sim-provider",
+        &ctx.exe,
+        &[
+            "sim-provider",
+            "--listen",
+            &sim_addr.to_string(),
+            "--duration-ms",
+            "3600000",
+        ],
+        &[("RUST_LOG".to_owned(), "warn".to_owned())],
+        ctx.workdir.join("sim-provider.log"),
+    )?;
+    ctx.sim_url = format!("http://{sim_addr}");
+    ctx.sim_pid = Some(sim.pid);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = sim.exited() {
+            bail!(
+                "the simulated provider exited ({status}):\n{}",
+                sim.log_tail()
+            );
+        }
+        let up = ctx
+            .http
+            .get(format!("{}/sim/stats", ctx.sim_url))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if up {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the simulated provider did not answer within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    say(format!(
+        "simulated provider pid {} on {}",
+        sim.pid, ctx.sim_url
+    ));
+    Ok(sim)
 }
