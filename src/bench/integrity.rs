@@ -53,11 +53,8 @@ async fn dead_chains(
 /// one call more (the check read the row before the stop and could not advance it after).
 async fn double_processed(ctx: &Ctx, tag: &str) -> anyhow::Result<u64> {
     let stats: serde_json::Value = ctx
-        .http
         .get(format!("{}/sim/stats", ctx.sim_url))
-        .send()
         .await?
-        .error_for_status()?
         .json()
         .await?;
     let calls = stats["statusCallsByJob"]

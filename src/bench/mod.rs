@@ -151,6 +151,11 @@ impl Ctx {
         }
     }
 
+    /// GETs `url`; a status other than success is an error.
+    async fn get(&self, url: String) -> reqwest::Result<reqwest::Response> {
+        self.http.get(url).send().await?.error_for_status()
+    }
+
     /// The bench's settings on topology prefix `prefix`.
     fn settings_on(&self, prefix: &str) -> Settings {
         let mut settings = self.settings.clone();

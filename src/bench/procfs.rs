@@ -90,6 +90,16 @@ pub(super) struct Watched<'a> {
     pub(super) database: &'a str,
 }
 
+/// Every process now (none when `/proc` cannot be read).
+fn pids() -> impl Iterator<Item = u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+}
+
+/// The command line, arguments separated by spaces ("" once the process is gone).
 fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
@@ -105,14 +115,7 @@ pub(super) fn broker_pid() -> Option<u32> {
         std::env::var("VO_BENCH_BROKER_ROOT").unwrap_or_else(|_| "/".to_owned()),
     );
     let mut best: Option<(u32, u64, bool)> = None;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    for pid in pids() {
         let Some((comm, ticks)) = pid_stat(pid) else {
             continue;
         };
@@ -154,23 +157,13 @@ fn postgres_is_ours(cmdline: &str, database: &str) -> bool {
 impl CpuSnapshot {
     pub(super) fn take(w: Watched<'_>) -> Self {
         let host = host_cpu();
-        let mut postgres = 0;
-        if let Ok(dir) = std::fs::read_dir("/proc") {
-            for entry in dir.flatten() {
-                let Some(pid) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|s| s.parse::<u32>().ok())
-                else {
-                    continue;
-                };
-                if let Some((comm, ticks)) = pid_stat(pid) {
-                    if comm.starts_with("postgres") && postgres_is_ours(&cmdline(pid), w.database) {
-                        postgres += ticks;
-                    }
-                }
-            }
-        }
+        let postgres = pids()
+            .filter_map(|pid| {
+                let (comm, ticks) = pid_stat(pid)?;
+                (comm.starts_with("postgres") && postgres_is_ours(&cmdline(pid), w.database))
+                    .then_some(ticks)
+            })
+            .sum();
         let ticks = |pid: Option<u32>| pid.and_then(pid_stat).map_or(0, |(_, t)| t);
         Self {
             at: Some(Instant::now()),
@@ -223,29 +216,14 @@ impl CpuSnapshot {
 pub(super) fn concurrent_builds() -> Vec<String> {
     let me = std::process::id();
     let mut out = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            let first = cmd.split_whitespace().next().unwrap_or("");
-            let exe = first.rsplit('/').next().unwrap_or("");
-            if exe == "cargo" || exe == "rustc" || cmd.contains("target/debug/deps") {
-                let mut short: String = cmd.chars().take(120).collect();
-                short = short.trim().to_owned();
-                out.push(format!("{pid} {short}"));
-            }
+    for pid in pids().filter(|pid| *pid != me) {
+        let cmd = cmdline(pid);
+        let first = cmd.split_whitespace().next().unwrap_or("");
+        let exe = first.rsplit('/').next().unwrap_or("");
+        if exe == "cargo" || exe == "rustc" || cmd.contains("target/debug/deps") {
+            let mut short: String = cmd.chars().take(120).collect();
+            short = short.trim().to_owned();
+            out.push(format!("{pid} {short}"));
         }
     }
     out

@@ -120,11 +120,8 @@ impl ServiceProc {
 
     async fn scrape(&self, ctx: &Ctx) -> anyhow::Result<Scrape> {
         let text = ctx
-            .http
             .get(format!("http://{}/metrics", self.http))
-            .send()
             .await?
-            .error_for_status()?
             .text()
             .await?;
         Ok(Scrape::parse(&text))
