@@ -11,8 +11,8 @@ use video_orchestrator::messages::{Message, VideoGenerationRequested, VideoGener
 use video_orchestrator::relay::OutboxRelay;
 use video_orchestrator::store::{Store, TaskStatus};
 
-use crate::helpers::TestEnv;
-use crate::service::{env_with, eventually, start_sim, Instance};
+use test_support::app::{env_with, eventually, start_sim, Instance};
+use test_support::TestEnv;
 
 /// A bound only a broken service reaches.
 const DONE: Duration = Duration::from_secs(30);

@@ -15,7 +15,7 @@ use video_orchestrator::messages::{
     self, Envelope, Message, Meta, VideoGenerationRequested, VideoGenerationStarted,
 };
 
-use crate::helpers::{header, TestEnv};
+use test_support::{header, TestEnv};
 
 /// Decodes `VideoGenerationRequested`; parks what does not decode.
 #[derive(Debug, Default)]

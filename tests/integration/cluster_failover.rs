@@ -20,8 +20,8 @@ use video_orchestrator::broker::{redact_url, Broker, BrokerError, BrokerOptions,
 use video_orchestrator::messages::{Envelope, Meta, VideoGenerationRequested};
 use video_orchestrator::topology::queue_exists;
 
-use crate::helpers::TestEnv;
 use crate::proxy::Proxy;
+use test_support::TestEnv;
 
 /// The broker URL with another port (same credentials and vhost).
 fn url_on_port(url: &str, port: u16) -> String {

@@ -11,7 +11,7 @@ use video_orchestrator::store::{
 };
 use video_orchestrator::topology::Topology;
 
-use crate::helpers::TestEnv;
+use test_support::TestEnv;
 
 const ALL_STATUSES: [TaskStatus; 6] = [
     TaskStatus::Pending,

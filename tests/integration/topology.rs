@@ -20,7 +20,7 @@ use video_orchestrator::topology::{
     long_string, queue_exists, Topology, TopologyError, VIRTUAL_KEY_HEADER,
 };
 
-use crate::helpers::{header, TestEnv};
+use test_support::{header, TestEnv};
 
 fn random_hex() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()
