@@ -14,6 +14,7 @@ use futures::future::join_all;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use secrecy::SecretString;
+use test_support::TestEnv;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::broker::{redact_url, Broker, BrokerError, BrokerOptions, Publisher};
@@ -21,7 +22,6 @@ use video_orchestrator::messages::{Envelope, Meta, VideoGenerationRequested};
 use video_orchestrator::topology::queue_exists;
 
 use crate::proxy::Proxy;
-use test_support::TestEnv;
 
 /// The broker URL with another port (same credentials and vhost).
 fn url_on_port(url: &str, port: u16) -> String {

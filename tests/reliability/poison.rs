@@ -29,6 +29,18 @@ const TO_PROGRESS_EVERY: usize = 10;
 const GOOD: usize = 100;
 const WRONG_KEY_CANCELS: usize = 30;
 
+/// Every way a bad message is broken.
+const KINDS: [&str; 8] = [
+    "not_json",
+    "not_object",
+    "wrong_type",
+    "huge_string",
+    "unknown_version",
+    "missing_field",
+    "unknown_type",
+    "mutated",
+];
+
 /// Where a raw message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -226,27 +238,11 @@ fn bad(rng: &mut StdRng, i: usize) -> Raw {
         _ => None,
     };
     let (mut value, required) = valid(target, routing_key);
-    let kinds: &[&str] = match target {
-        Target::Generation => &[
-            "not_json",
-            "not_object",
-            "wrong_type",
-            "huge_string",
-            "unknown_version",
-            "missing_field",
-            "unknown_type",
-            "mutated",
-        ],
-        Target::Progress => &[
-            "not_json",
-            "not_object",
-            "wrong_type",
-            "huge_string",
-            "unknown_version",
-            "missing_field",
-            "mutated",
-        ],
-    };
+    // A check has no `type` property to get wrong.
+    let kinds: Vec<&str> = KINDS
+        .into_iter()
+        .filter(|k| target == Target::Generation || *k != "unknown_type")
+        .collect();
     // Huge bodies are 1 in 64 (about 10 MB over the run).
     let kind = if rng.random_range(0..64) == 0 {
         "huge_string"
