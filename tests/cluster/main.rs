@@ -9,14 +9,6 @@
 //! It needs RabbitMQ installed (not running: it starts its own nodes beside the machine's
 //! broker) and the PostgreSQL the other suites use. See RELIABILITY.md for its last figures.
 
-#[allow(dead_code)]
-#[path = "../integration/helpers.rs"]
-mod helpers;
-
-#[allow(dead_code)]
-#[path = "../reliability/harness.rs"]
-mod harness;
-
 mod inspect_proxy;
 mod node_failure;
 mod rabbit;

@@ -16,17 +16,18 @@
 //! holds (ready or not), brings the killed node back after the drain with the instances still
 //! running, and requires that everything held then flows and nothing is left anywhere.
 
-use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
-
-use crate::harness::{
-    assert_clean, note, one_at_a_time, submit_load, Cluster, Expectation, FaultWindow, Options,
+use test_support::cluster::{
+    assert_clean, declare_books_queue, one_at_a_time, submit_load, Audit, Cluster, Expectation,
+    FaultWindow, Options,
 };
+use test_support::figures::{self, note};
+
 use crate::inspect_proxy::InspectProxy;
 use crate::rabbit::RabbitCluster;
 
@@ -36,19 +37,9 @@ const PER_SECOND: f64 = 10.0;
 /// The kill lands after this share of the load was submitted.
 const KILL_AT: f64 = 0.4;
 
-/// Prints a `CLUSTER …` line past the test harness's capture and appends it to
-/// `target/tmp/cluster-figures.txt`.
+/// A `CLUSTER …` figure, kept in `target/tmp/cluster-figures.txt`.
 fn figure(line: &str) {
-    let line = format!("CLUSTER {line}");
-    let _ = writeln!(std::io::stderr(), "{line}");
-    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster-figures.txt");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
-        let _ = writeln!(f, "{} {line}", Utc::now().format("%Y-%m-%dT%H:%M:%SZ"));
-    }
+    figures::record("CLUSTER", "cluster-figures.txt", line);
 }
 
 /// The AMQP port of every "connected to RabbitMQ" line in a `serve` log, in order.
@@ -68,12 +59,12 @@ fn connections(log: &Path) -> Vec<u16> {
 /// The harness declares its books queue as a classic queue, which lives on one node: on a
 /// cluster that loses a node it must be a quorum queue, replicated like the rest.
 async fn replicate_books_queue(cluster: &Cluster) {
-    let name = format!("{}reliability.books", cluster.env.prefix);
+    let name = cluster.books_queue();
     let conn = cluster.connect().await;
     let channel = conn.create_channel().await.expect("channel");
     channel
         .queue_declare(
-            name.as_str().into(),
+            name.into(),
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()
@@ -83,7 +74,7 @@ async fn replicate_books_queue(cluster: &Cluster) {
         .await
         .unwrap_or_else(|e| panic!("the harness's books queue `{name}` exists: {e}"));
     channel
-        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+        .queue_delete(name.into(), QueueDeleteOptions::default())
         .await
         .expect("delete the classic books queue");
     let mut args = FieldTable::default();
@@ -92,28 +83,7 @@ async fn replicate_books_queue(cluster: &Cluster) {
         AMQPValue::LongString("quorum".into()),
     );
     args.insert("x-quorum-initial-group-size".into(), AMQPValue::LongInt(3));
-    args.insert("x-expires".into(), AMQPValue::LongInt(900_000));
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await
-        .expect("declare the books queue as a quorum queue");
-    channel
-        .queue_bind(
-            name.as_str().into(),
-            cluster.env.topology().events_exchange().as_str().into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("bind the books queue");
+    declare_books_queue(&cluster.env, &conn, name, args).await;
     let _ = conn.close(200, "books queue replicated".into()).await;
 }
 
@@ -318,9 +288,7 @@ async fn killing_the_node_that_leads_most_partitions_loses_nothing() {
     }
     let ids = load.await.expect("load driver");
     driver.close().await;
-    let drained_from = Instant::now();
-    cluster.drain(&ids, Duration::from_secs(240)).await;
-    let drain_s = drained_from.elapsed().as_secs_f64();
+    let drain_s = cluster.drain(&ids, Duration::from_secs(240)).await.seconds;
     let held_after_drain = held(&rabbit, &prefix);
     held_max = held_max.max(held_after_drain);
 
@@ -349,16 +317,7 @@ async fn killing_the_node_that_leads_most_partitions_loses_nothing() {
              drain, {left} left {released_s:.1} s after the restart"
         ),
     );
-    let counters = cluster.counters().await;
-    cluster.stop_all().await;
-    let expected: Vec<Expectation> = ids
-        .iter()
-        .map(|id| Expectation {
-            request_id: id.clone(),
-            refused: false,
-        })
-        .collect();
-    let books = cluster.books(&expected, &faults).await;
+    let Audit { counters, books } = cluster.audit(&Expectation::all_run(&ids), &faults).await;
     let reconnects = counters.sum("video_broker_reconnects_total", "");
     figure(&format!(
         "tasks={} killed_node={victim_name} partitions_led={partitions_led}/{partitions} \

@@ -5,7 +5,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::harness::{figure, run_tool};
+use test_support::figures::figure;
+use test_support::process::{command, run_tool};
+
 use crate::shared_services::exclusive;
 
 const PLUGIN: &str = "rabbitmq_consistent_hash_exchange";
@@ -31,12 +33,9 @@ fn disable_plugin() {
 }
 
 async fn run_binary(args: &[&str], timeout: Duration) -> (bool, String, String) {
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_video-orchestrator"))
-        .args(args)
-        .stdin(Stdio::null())
+    let child = command(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("spawn the binary");
     let out = tokio::time::timeout(timeout, child.wait_with_output())

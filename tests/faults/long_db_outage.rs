@@ -6,10 +6,11 @@
 
 use std::time::{Duration, Instant};
 
+use test_support::cluster::{assert_clean, Audit, Cluster, Expectation, FaultWindow, Options};
+use test_support::figures::{figure, note};
 use video_orchestrator::client::new_request;
 use video_orchestrator::store::TaskStatus;
 
-use crate::harness::{assert_clean, figure, note, Cluster, Expectation, FaultWindow, Options};
 use crate::shared_services::{exclusive, Services};
 
 const DOWN: Duration = Duration::from_secs(240);
@@ -99,7 +100,16 @@ async fn a_four_minute_postgresql_outage_loses_nothing_parks_nothing_and_burns_n
         }
     }
     let parked = cluster.env.store.list_parked(100).await.expect("parked");
-    let counters = cluster.counters().await;
+    // The tracked tasks (not cancelled) must balance like every other fault run.
+    let tracked: Vec<String> = ids
+        .iter()
+        .filter(|id| !cancelled.iter().any(|(c, _)| c == *id))
+        .cloned()
+        .collect();
+    let faults = vec![FaultWindow { from, to }];
+    let Audit { counters, books } = cluster
+        .audit(&Expectation::all_run(&tracked), &faults)
+        .await;
     let generation = format!("queue=\"{}\"", cluster.env.topology().generation_queue());
     let deliveries = counters.sum("video_message_deliveries_count", &generation);
     let within_five = counters.sum(
@@ -107,19 +117,6 @@ async fn a_four_minute_postgresql_outage_loses_nothing_parks_nothing_and_burns_n
         &format!("{generation},le=\"5\""),
     );
     let retries = counters.sum("video_message_retries_total", "");
-    cluster.stop_all().await;
-
-    // The tracked tasks (not cancelled) must balance like every other fault run.
-    let expected: Vec<Expectation> = ids
-        .iter()
-        .filter(|id| !cancelled.iter().any(|(c, _)| c == *id))
-        .map(|id| Expectation {
-            request_id: id.clone(),
-            refused: false,
-        })
-        .collect();
-    let faults = vec![FaultWindow { from, to }];
-    let books = cluster.books(&expected, &faults).await;
     figure(&format!(
         "{run}: requests={REQUESTS} cancels={CANCELS} down_s={down_s:.0} wrong={} parked={} \
          generation_deliveries={deliveries} over_5_deliveries={} delayed_retries={retries} \

@@ -3,14 +3,6 @@
 //! [`shared_services::exclusive`] so they run one at a time, only when no other test binary is
 //! running, and always leave both services running again. See RELIABILITY.md.
 
-#[allow(dead_code)]
-#[path = "../integration/helpers.rs"]
-mod helpers;
-
-#[allow(dead_code)]
-#[path = "../reliability/harness.rs"]
-mod harness;
-
 mod broker_restart;
 mod db_restart;
 mod first_run;

@@ -4,10 +4,13 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-
-use crate::harness::{
-    assert_clean, figure, note, submit_load, Cluster, Expectation, FaultWindow, Options,
+use test_support::cluster::{
+    assert_clean, rabbit_log_lines, submit_load, Audit, Cluster, Expectation, FaultWindow, Options,
+    LONGEST_TIER_MS,
 };
+use test_support::eventually;
+use test_support::figures::{figure, note};
+
 use crate::shared_services::{exclusive, Services};
 
 /// What goes down.
@@ -50,14 +53,11 @@ pub async fn outage_run(run: &'static str, dependency: Dependency) {
     // Readiness must go false on every instance while it is down.
     let mut not_ready = 0;
     for p in cluster.slots.iter().flatten() {
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(15) {
-            if p.not_ready(&cluster.http).await {
-                not_ready += 1;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let went = eventually(Duration::from_secs(15), || async {
+            p.not_ready(&cluster.http).await.then_some(())
+        })
+        .await;
+        not_ready += usize::from(went.is_some());
     }
     tokio::time::sleep(DOWN.saturating_sub(t_stop.elapsed())).await;
     let down_s = t_stop.elapsed().as_secs_f64();
@@ -83,13 +83,11 @@ pub async fn outage_run(run: &'static str, dependency: Dependency) {
 
     let ids = load.await.expect("load driver");
     driver.close().await;
-    let drained = Instant::now();
-    cluster.drain(&ids, Duration::from_secs(180)).await;
-    let drain_s = drained.elapsed().as_secs_f64();
+    let drain_s = cluster.drain(&ids, Duration::from_secs(180)).await.seconds;
     // RabbitMQ 3.10 may hold a delay tier's dead-lettering after its restart (see
     // RELIABILITY.md): the checks it holds are stale by now and must die on arrival once it lets
     // them go, so wait for that before looking for zombies.
-    let dlx_stalled = crate::harness::rabbit_log_lines(
+    let dlx_stalled = rabbit_log_lines(
         &format!("{}video.progress.delay.", cluster.env.prefix),
         "Cannot forward any dead-letter messages",
     );
@@ -112,24 +110,11 @@ pub async fn outage_run(run: &'static str, dependency: Dependency) {
             ),
         );
         // Released checks are stale: give them the longest tier to arrive and be dropped.
-        tokio::time::sleep(Duration::from_millis(
-            crate::harness::LONGEST_TIER_MS + 2000,
-        ))
-        .await;
+        tokio::time::sleep(Duration::from_millis(LONGEST_TIER_MS + 2000)).await;
     }
-    let counters = cluster.counters().await;
     let interrupted = cluster.log_lines("consumer interrupted");
     let retried = cluster.log_lines("transient failure; retrying after a delay");
-    cluster.stop_all().await;
-
-    let expected: Vec<Expectation> = ids
-        .iter()
-        .map(|id| Expectation {
-            request_id: id.clone(),
-            refused: false,
-        })
-        .collect();
-    let books = cluster.books(&expected, &faults).await;
+    let Audit { counters, books } = cluster.audit(&Expectation::all_run(&ids), &faults).await;
     figure(&format!(
         "{run}: tasks={} faults=1 lost={} duplicates_dropped={} outcomes={:?} \
          readiness_false_on={not_ready}/{} broker_reconnects={} republished={} consumer_resubscribes={interrupted} \

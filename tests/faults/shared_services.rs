@@ -11,7 +11,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{note, run_tool};
+use test_support::figures::note;
+use test_support::process::run_tool;
 
 /// Held for a whole test.
 #[derive(Debug)]

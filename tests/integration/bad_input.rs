@@ -4,15 +4,14 @@
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
+use test_support::app::{env_with, eventually, start_sim, Instance};
+use test_support::TestEnv;
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::broker::Publisher;
 use video_orchestrator::client::{new_request, Client};
 use video_orchestrator::messages::{Message, VideoGenerationRequested, VideoGenerationStarted};
 use video_orchestrator::relay::OutboxRelay;
 use video_orchestrator::store::TaskStatus;
-
-use crate::helpers::TestEnv;
-use crate::service::{env_with, eventually, start_sim, Instance};
 
 /// A bound only a broken service reaches.
 const DONE: Duration = Duration::from_secs(30);

@@ -5,17 +5,41 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::BasicProperties;
+use test_support::{header, TestEnv};
 use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::broker::{
-    self, BrokerError, ConsumerSpec, Handler, Incoming, Outcome, Publisher, ORIGINAL_QUEUE_HEADER,
-    PARKED_AT_HEADER, PARKED_REASON_HEADER, RETRY_ATTEMPT_HEADER,
+    self, Broker, BrokerError, ConsumerSpec, Handler, Incoming, Outcome, Publisher,
+    ORIGINAL_QUEUE_HEADER, PARKED_AT_HEADER, PARKED_REASON_HEADER, RETRY_ATTEMPT_HEADER,
 };
 use video_orchestrator::messages::{
     self, Envelope, Message, Meta, VideoGenerationRequested, VideoGenerationStarted,
 };
 
-use crate::helpers::{header, TestEnv};
+/// The service's consumer loop on `queue` (prefetch 10, `concurrency` deliveries handled at
+/// once) until `stop`.
+fn spawn_consumer<H: Handler>(
+    broker: &Arc<Broker>,
+    queue: &str,
+    handler: Arc<H>,
+    concurrency: usize,
+    retry_budget: Option<Duration>,
+    stop: &CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(broker::consume(
+        broker.clone(),
+        Publisher::new(broker.clone(), stop.clone()),
+        ConsumerSpec {
+            queue: queue.to_owned(),
+            prefetch: 10,
+            limit: Arc::new(Semaphore::new(concurrency)),
+            retry_budget,
+        },
+        handler,
+        stop.clone(),
+    ))
+}
 
 /// Decodes `VideoGenerationRequested`; parks what does not decode.
 #[derive(Debug, Default)]
@@ -128,18 +152,7 @@ async fn poison_messages_are_parked_with_a_reason_and_the_consumer_keeps_going()
 
     let handler = Arc::new(DecodingHandler::default());
     let stop = CancellationToken::new();
-    let consumer = tokio::spawn(broker::consume(
-        broker.clone(),
-        Publisher::new(broker.clone(), stop.clone()),
-        ConsumerSpec {
-            queue: generation.clone(),
-            prefetch: 10,
-            limit: Arc::new(Semaphore::new(1)),
-            retry_budget: None,
-        },
-        handler.clone(),
-        stop.clone(),
-    ));
+    let consumer = spawn_consumer(&broker, &generation, handler.clone(), 1, None, &stop);
 
     assert!(
         handler.wait_for("req-good", Duration::from_secs(5)).await,
@@ -232,18 +245,14 @@ async fn run_flaky(
         handled: Notify::new(),
     });
     let stop = CancellationToken::new();
-    let consumer = tokio::spawn(broker::consume(
-        broker.clone(),
-        Publisher::new(broker.clone(), stop.clone()),
-        ConsumerSpec {
-            queue: generation.clone(),
-            prefetch: 10,
-            limit: Arc::new(Semaphore::new(4)),
-            retry_budget: Some(budget),
-        },
+    let consumer = spawn_consumer(
+        &broker,
+        &generation,
         handler.clone(),
-        stop.clone(),
-    ));
+        4,
+        Some(budget),
+        &stop,
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !until(&handler.seen.lock().unwrap()) && Instant::now() < deadline {
         let _ = tokio::time::timeout(Duration::from_millis(200), handler.handled.notified()).await;

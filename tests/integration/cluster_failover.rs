@@ -14,13 +14,13 @@ use futures::future::join_all;
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use secrecy::SecretString;
+use test_support::TestEnv;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::broker::{redact_url, Broker, BrokerError, BrokerOptions, Publisher};
 use video_orchestrator::messages::{Envelope, Meta, VideoGenerationRequested};
 use video_orchestrator::topology::queue_exists;
 
-use crate::helpers::TestEnv;
 use crate::proxy::Proxy;
 
 /// The broker URL with another port (same credentials and vhost).

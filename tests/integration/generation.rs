@@ -11,6 +11,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::Router;
 use sqlx::Row;
+use test_support::app::{env_with, start_sim};
+use test_support::{eventually, header, spawn_app, Event, EventCollector, Instance, TestEnv};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -19,12 +21,8 @@ use video_orchestrator::client::{new_request, Client};
 use video_orchestrator::messages::{
     Meta, TaskOutcome, VideoGenerationRequested, VideoProviderTaskFinished,
 };
-use video_orchestrator::providers::sim::SimHandle;
-use video_orchestrator::store::{Task, TaskStatus};
-use video_orchestrator::webhooks;
-
-use crate::helpers::{header, Event, EventCollector, TestEnv};
-use crate::service::{env_with, eventually, start_sim, Instance};
+use video_orchestrator::store::TaskStatus;
+use video_orchestrator::webhooks::{self, WebhookDispatcher};
 
 /// Far longer than any task here takes: a bound that only a broken service reaches.
 const DONE: Duration = Duration::from_secs(30);
@@ -36,68 +34,12 @@ const CANCELLED: &str = "video.generation.cancelled";
 const REJECTED: &str = "video.generation.command_rejected";
 const TRACKING_CANCELLED: &str = "video.progress.tracking_cancelled";
 
-/// The running pieces of one test.
-struct Harness {
-    sim: SimHandle,
-    env: TestEnv,
-    instance: Instance,
-    events: EventCollector,
-    client: Client,
-    client_stop: CancellationToken,
-}
-
-impl Harness {
-    /// A sim whose jobs take `duration_ms`, a fresh environment, one instance with every role,
-    /// the event collector (subscribed before anything is published) and a client.
-    async fn start(duration_ms: u64) -> Harness {
-        let sim = start_sim(duration_ms).await;
-        let env = env_with(&sim, &[]).await;
-        let events = env.events().await;
-        let instance = Instance::start_all(&env.settings).await;
-        let client_stop = CancellationToken::new();
-        let client = Client::new(env.broker().await, client_stop.clone());
-        Harness {
-            sim,
-            env,
-            instance,
-            events,
-            client,
-            client_stop,
-        }
-    }
-
-    async fn submit(&self, request: &VideoGenerationRequested) -> String {
-        self.client
-            .submit(request)
-            .await
-            .expect("the broker confirms the request")
-    }
-
-    async fn task(&self, request_id: &str) -> Task {
-        self.env
-            .store
-            .get(request_id)
-            .await
-            .expect("read the task")
-            .unwrap_or_else(|| panic!("no task row for {request_id}"))
-    }
-
-    async fn rows(&self) -> i64 {
-        sqlx::query_scalar("SELECT count(*) FROM video_tasks")
-            .fetch_one(self.env.store.pool())
-            .await
-            .expect("count tasks")
-    }
-
-    /// Stops everything this harness started, then gives the environment back.
-    async fn stop(self) {
-        self.client_stop.cancel();
-        drop(self.client);
-        self.events.close().await;
-        self.instance.stop().await;
-        self.sim.shutdown().await;
-        self.env.cleanup().await;
-    }
+/// Task rows in the test's database.
+async fn rows(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM video_tasks")
+        .fetch_one(env.store.pool())
+        .await
+        .expect("count tasks")
 }
 
 /// The first `routing_key` event about `request_id`, or a panic listing what did arrive.
@@ -196,7 +138,7 @@ fn field<'a>(e: &'a Event, name: &str) -> &'a serde_json::Value {
 
 #[tokio::test]
 async fn a_request_publishes_started_completed_then_tracking_cancelled_in_order() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let vk = "vk-order";
     let id = h
         .submit(&new_request(vk, "sora-2", "a lighthouse at dusk"))
@@ -254,7 +196,7 @@ async fn a_request_publishes_started_completed_then_tracking_cancelled_in_order(
 
 #[tokio::test]
 async fn a_permanent_provider_error_fails_the_task_without_retry() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let id = h
         .submit(&new_request(
             "vk-reject",
@@ -286,7 +228,7 @@ async fn a_permanent_provider_error_fails_the_task_without_retry() {
 
 #[tokio::test]
 async fn exhausted_transient_errors_fail_the_task_as_retryable() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     assert_eq!(h.env.settings.generation.submit_max_attempts, 3);
     let id = h
         .submit(&new_request("vk-503", "sora-2", "a busy day [unavailable]"))
@@ -310,7 +252,7 @@ async fn exhausted_transient_errors_fail_the_task_as_retryable() {
 
 #[tokio::test]
 async fn a_duplicate_request_creates_one_task_and_one_started_event() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let first = new_request("vk-dup", "sora-2", "the same request twice");
     let second = VideoGenerationRequested {
         meta: Meta::new(),
@@ -336,7 +278,7 @@ async fn a_duplicate_request_creates_one_task_and_one_started_event() {
     assert_eq!(count(&h.events, STARTED, &id), 1, "one started event");
     assert_eq!(count(&h.events, COMPLETED, &id), 1, "one completed event");
     assert_eq!(count(&h.events, TRACKING_CANCELLED, &id), 1);
-    assert_eq!(h.rows().await, 1, "one task row");
+    assert_eq!(rows(&h.env).await, 1, "one task row");
     assert_eq!(h.task(&id).await.status, TaskStatus::Completed);
     h.stop().await;
 }
@@ -348,7 +290,7 @@ async fn a_duplicate_request_creates_one_task_and_one_started_event() {
 /// on_requested`). Un-ignore once a pending task is claimed before it is re-submitted.
 #[tokio::test]
 async fn a_duplicate_delivered_concurrently_is_submitted_to_the_provider_once() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let first = new_request("vk-dup", "sora-2", "the same request twice");
     let second = VideoGenerationRequested {
         meta: Meta::new(),
@@ -365,7 +307,7 @@ async fn a_duplicate_delivered_concurrently_is_submitted_to_the_provider_once() 
 
 #[tokio::test]
 async fn the_owner_can_cancel_a_running_task() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let vk = "vk-owner";
     let id = h
         .submit(&new_request(
@@ -408,7 +350,7 @@ async fn the_owner_can_cancel_a_running_task() {
 
 #[tokio::test]
 async fn a_cancel_from_another_virtual_key_is_refused_and_the_task_completes() {
-    let h = Harness::start(3000).await;
+    let h = spawn_app(3000).await;
     let id = h
         .submit(&new_request("vk-owner", "sora-2", "someone else's video"))
         .await;
@@ -437,7 +379,7 @@ async fn a_cancel_from_another_virtual_key_is_refused_and_the_task_completes() {
 
 #[tokio::test]
 async fn a_forged_provider_outcome_is_parked_and_the_task_completes() {
-    let h = Harness::start(4000).await;
+    let h = spawn_app(4000).await;
     let id = h
         .submit(&new_request(
             "vk-victim",
@@ -491,7 +433,7 @@ async fn a_forged_provider_outcome_is_parked_and_the_task_completes() {
 
 #[tokio::test]
 async fn an_invalid_request_is_failed_and_rejected() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let vk = "vk-invalid";
     let id = h.submit(&new_request(vk, "sora-2", "   ")).await;
 
@@ -516,7 +458,7 @@ async fn an_invalid_request_is_failed_and_rejected() {
 
 #[tokio::test]
 async fn a_cancel_before_the_request_leaves_a_tombstone_that_refuses_it() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let vk = "vk-early";
     let request = new_request(vk, "sora-2", "too late");
     let id = request.request_id.clone();
@@ -557,7 +499,7 @@ async fn a_cancel_before_the_request_leaves_a_tombstone_that_refuses_it() {
 
 #[tokio::test]
 async fn another_tenants_early_cancel_does_not_block_a_request_and_a_taken_id_is_refused() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let request = new_request("vk-a", "sora-2", "mine, not theirs");
     let id = request.request_id.clone();
     h.client
@@ -827,7 +769,7 @@ fn header_str<'a>(hit: &'a Hit, name: &str) -> &'a str {
 #[tokio::test]
 async fn a_webhook_receiver_gets_the_signed_terminal_event_after_failing_twice() {
     let receiver = Receiver::start(2).await;
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let mut request = new_request("vk-hook", "sora-2", "call me back");
     request.callback_url = Some(receiver.url.clone());
     let id = h.submit(&request).await;
@@ -853,8 +795,12 @@ async fn a_webhook_receiver_gets_the_signed_terminal_event_after_failing_twice()
     .await
     .expect("the delivery is recorded as delivered");
     assert_eq!(delivered_at, 3, "delivered at the third attempt");
-    // Nothing more is sent once the receiver said 200.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Nothing more is sent once the receiver said 200: a dispatch round finds nothing due.
+    WebhookDispatcher::new(h.env.store.clone(), h.env.settings.webhooks.clone())
+        .expect("a dispatcher")
+        .dispatch_due()
+        .await
+        .expect("a dispatch round");
     assert_eq!(receiver.hits().len(), 3, "no attempt after success");
 
     let bus_body = completed.body.clone();
@@ -938,7 +884,7 @@ fn standard_signature(hit: &Hit) -> StandardSignature {
 #[tokio::test]
 async fn a_tenant_rotating_its_webhook_secret_gets_deliveries_signed_by_both() {
     let receiver = Receiver::start(0).await;
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let (old, new, stranger) = (
         webhooks::new_secret(),
         webhooks::new_secret(),
@@ -989,7 +935,7 @@ async fn a_tenant_rotating_its_webhook_secret_gets_deliveries_signed_by_both() {
 
 #[tokio::test]
 async fn a_request_routed_to_the_replicate_provider_completes() {
-    let h = Harness::start(1000).await;
+    let h = spawn_app(1000).await;
     let vk = "vk-rep";
     let mut request = new_request(vk, "acme/video-model", "a paper boat on a river");
     request.provider = Some("rep".to_owned());

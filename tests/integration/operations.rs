@@ -6,34 +6,27 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use secrecy::ExposeSecret;
+use test_support::app::{env_with, fast_vars, start_sim};
+use test_support::process::{command, sigterm};
+use test_support::{eventually, spawn_app, Instance, TestEnv};
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::auth;
 use video_orchestrator::client::{new_request, Client};
-use video_orchestrator::providers::sim::{SimProvider, SimSettings};
+use video_orchestrator::providers::sim::{SimHandle, SimProvider, SimSettings};
 use video_orchestrator::store::TaskStatus;
 
-use crate::helpers::TestEnv;
-use crate::service::{env_with, eventually, fast_vars, start_sim, Instance};
-
-const BIN: &str = env!("CARGO_BIN_EXE_video-orchestrator");
-
-fn child_env(env: &TestEnv, sim_vars: Vec<(String, String)>) -> Vec<(String, String)> {
-    let mut vars = sim_vars;
-    vars.push(("APP__TOPOLOGY__PREFIX".into(), env.prefix.clone()));
-    vars.push((
-        "APP__DATABASE__URL".into(),
-        env.settings.database.url.expose_secret().to_owned(),
-    ));
-    vars.push(("APP__RABBITMQ__URL".into(), env.rabbitmq_url().to_owned()));
+/// The fast settings on the test's prefix, database and broker, for a child process.
+fn child_env(env: &TestEnv, sim: &SimHandle) -> Vec<(String, String)> {
+    let mut vars = fast_vars(sim);
+    vars.extend(env.child_vars());
     vars
 }
 
 #[tokio::test]
 async fn poison_is_recorded_and_can_be_requeued_from_the_command_line() {
-    let sim = start_sim(1000).await;
-    let env = env_with(&sim, &[]).await;
-    let service = Instance::start_all(&env.settings).await;
+    let app = spawn_app(1000).await;
+    let env = &app.env;
     let topology = env.topology();
     env.publish_raw(
         &topology.events_exchange(),
@@ -54,9 +47,8 @@ async fn poison_is_recorded_and_can_be_requeued_from_the_command_line() {
     assert_eq!(first.original_queue, topology.generation_queue());
     assert_eq!(first.body, b"{\"this is\": not json");
 
-    let listing = tokio::process::Command::new(BIN)
-        .args(["parked", "--json"])
-        .envs(child_env(&env, fast_vars(&sim)))
+    let listing = command(&["parked", "--json"])
+        .envs(child_env(env, &app.sim))
         .output()
         .await
         .unwrap();
@@ -68,9 +60,8 @@ async fn poison_is_recorded_and_can_be_requeued_from_the_command_line() {
     let json: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
     assert_eq!(json[0]["id"], first.id);
 
-    let requeue = tokio::process::Command::new(BIN)
-        .args(["parked", "--requeue", &first.id.to_string()])
-        .envs(child_env(&env, fast_vars(&sim)))
+    let requeue = command(&["parked", "--requeue", &first.id.to_string()])
+        .envs(child_env(env, &app.sim))
         .output()
         .await
         .unwrap();
@@ -90,34 +81,27 @@ async fn poison_is_recorded_and_can_be_requeued_from_the_command_line() {
         .iter()
         .any(|p| p.id == first.id && p.requeued_at.is_some()));
     assert_eq!(env.queue_depth(&topology.parking_queue()).await, 2);
-    service.stop().await;
-    env.cleanup().await;
-    sim.shutdown().await;
+    app.stop().await;
 }
 
 #[tokio::test]
 async fn the_task_endpoint_answers_only_the_owning_virtual_key() {
-    let sim = start_sim(500).await;
-    let env = env_with(&sim, &[]).await;
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
-    let stop = CancellationToken::new();
-    let client = Client::new(env.broker().await, stop.clone());
+    let app = spawn_app(500).await;
     let request = new_request("vk-owner", "sora-2", "a fox");
-    let id = client.submit(&request).await.unwrap();
-    events
+    let id = app.submit(&request).await;
+    app.events
         .wait_for(
             |e| e.is("video.generation.completed", &id),
             Duration::from_secs(30),
         )
         .await
         .expect("completed");
-    let url = format!("http://{}/v1/tasks/{id}", service.http);
+    let url = format!("http://{}/v1/tasks/{id}", app.service.http);
     let http = reqwest::Client::new();
-    let owner_key = auth::create_key(&env.store, "vk-owner", "owner", false)
+    let owner_key = auth::create_key(&app.env.store, "vk-owner", "owner", false)
         .await
         .unwrap();
-    let other_key = auth::create_key(&env.store, "vk-other", "other", false)
+    let other_key = auth::create_key(&app.env.store, "vk-other", "other", false)
         .await
         .unwrap();
     let owner = http
@@ -162,7 +146,7 @@ async fn the_task_endpoint_answers_only_the_owning_virtual_key() {
     );
 
     let metrics = http
-        .get(format!("http://{}/metrics", service.http))
+        .get(format!("http://{}/metrics", app.service.http))
         .send()
         .await
         .unwrap()
@@ -177,36 +161,29 @@ async fn the_task_endpoint_answers_only_the_owning_virtual_key() {
     ] {
         assert!(metrics.contains(name), "/metrics lacks {name}");
     }
-    stop.cancel();
-    service.stop().await;
-    events.close().await;
-    env.cleanup().await;
-    sim.shutdown().await;
+    app.stop().await;
 }
 
 #[tokio::test]
 async fn submit_wait_exits_with_the_outcome_code() {
-    let sim = start_sim(800).await;
-    let env = env_with(&sim, &[]).await;
-    let service = Instance::start_all(&env.settings).await;
+    let app = spawn_app(800).await;
     let run = |prompt: &'static str| {
-        let vars = child_env(&env, fast_vars(&sim));
+        let vars = child_env(&app.env, &app.sim);
         async move {
-            tokio::process::Command::new(BIN)
-                .args([
-                    "submit",
-                    "--virtual-key",
-                    "vk-cli",
-                    "--model",
-                    "sora-2",
-                    "--prompt",
-                    prompt,
-                    "--wait",
-                ])
-                .envs(vars)
-                .output()
-                .await
-                .unwrap()
+            command(&[
+                "submit",
+                "--virtual-key",
+                "vk-cli",
+                "--model",
+                "sora-2",
+                "--prompt",
+                prompt,
+                "--wait",
+            ])
+            .envs(vars)
+            .output()
+            .await
+            .unwrap()
         }
     };
     let ok = run("a calm sea").await;
@@ -218,14 +195,13 @@ async fn submit_wait_exits_with_the_outcome_code() {
     );
     let id = String::from_utf8_lossy(&ok.stdout).trim().to_owned();
     assert!(id.starts_with("req-"), "prints the requestId: {id}");
-    let task = env.store.get(&id).await.unwrap().expect("task");
+    let task = app.task(&id).await;
     assert_eq!(task.status, TaskStatus::Completed);
     let failed = run("a stormy sea [fail]").await;
     assert_eq!(failed.status.code(), Some(3));
 
-    let status = tokio::process::Command::new(BIN)
-        .args(["status", &id, "--json"])
-        .envs(child_env(&env, fast_vars(&sim)))
+    let status = command(&["status", &id, "--json"])
+        .envs(child_env(&app.env, &app.sim))
         .output()
         .await
         .unwrap();
@@ -233,9 +209,7 @@ async fn submit_wait_exits_with_the_outcome_code() {
     let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(json["requestId"], id.as_str());
     assert_eq!(json["status"], "completed");
-    service.stop().await;
-    env.cleanup().await;
-    sim.shutdown().await;
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -243,13 +217,11 @@ async fn sigterm_mid_load_drains_and_loses_nothing() {
     let sim = start_sim(1500).await;
     let env = env_with(&sim, &[]).await;
     let events = env.events().await;
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("serve")
-        .envs(child_env(&env, fast_vars(&sim)))
+    let mut child = command(&["serve"])
+        .envs(child_env(&env, &sim))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -261,12 +233,7 @@ async fn sigterm_mid_load_drains_and_loses_nothing() {
         ids.push(client.submit(&request).await.unwrap());
     }
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let pid = child.id().expect("pid").to_string();
-    let term = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(term.success());
+    assert!(sigterm(child.id().expect("pid")));
     let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .expect("the service exits within its grace period")
@@ -336,16 +303,14 @@ async fn logs_are_json_with_message_context_and_never_show_secrets() {
     .unwrap();
     let env = env_with(&sim, &[]).await;
     let events = env.events().await;
-    let mut vars = child_env(&env, fast_vars(&sim));
+    let mut vars = child_env(&env, &sim);
     vars.push(("APP__PROVIDERS__SIM__API_KEY".into(), API_KEY.into()));
     vars.push(("APP__LOG__FORMAT".into(), "json".into()));
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("serve")
+    let mut child = command(&["serve"])
         .envs(vars)
         .env("RUST_LOG", "debug")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut stderr = child.stderr.take().unwrap();
@@ -368,11 +333,7 @@ async fn logs_are_json_with_message_context_and_never_show_secrets() {
         )
         .await
         .expect("the task completes with the real key");
-    let pid = child.id().unwrap().to_string();
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    sigterm(child.id().unwrap());
     tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .unwrap()
@@ -415,10 +376,7 @@ async fn logs_are_json_with_message_context_and_never_show_secrets() {
 
 #[tokio::test]
 async fn a_traceparent_is_carried_from_the_request_to_every_event_it_causes() {
-    let sim = start_sim(1500).await;
-    let env = env_with(&sim, &[]).await;
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
+    let app = spawn_app(1500).await;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let request = new_request("vk-trace", "sora-2", "follow the trace");
     let mut headers = lapin::types::FieldTable::default();
@@ -430,24 +388,26 @@ async fn a_traceparent_is_carried_from_the_request_to_every_event_it_causes() {
         "traceparent".into(),
         lapin::types::AMQPValue::LongString(format!("00-{trace_id}-00f067aa0ba902b7-01").into()),
     );
-    env.publish_raw(
-        &env.topology().events_exchange(),
-        "video.generation.requested",
-        &video_orchestrator::messages::encode(&request),
-        BasicProperties::default()
-            .with_type("VideoGenerationRequested".into())
-            .with_headers(headers),
-    )
-    .await;
+    app.env
+        .publish_raw(
+            &app.env.topology().events_exchange(),
+            "video.generation.requested",
+            &video_orchestrator::messages::encode(&request),
+            BasicProperties::default()
+                .with_type("VideoGenerationRequested".into())
+                .with_headers(headers),
+        )
+        .await;
     let id = request.request_id.clone();
-    events
+    app.events
         .wait_for(
             |e| e.is("video.progress.tracking_cancelled", &id),
             Duration::from_secs(30),
         )
         .await
         .expect("the task finishes");
-    let caused: Vec<_> = events
+    let caused: Vec<_> = app
+        .events
         .all()
         .into_iter()
         .filter(|e| e.request_id() == Some(id.as_str()))
@@ -466,10 +426,7 @@ async fn a_traceparent_is_carried_from_the_request_to_every_event_it_causes() {
             e.routing_key
         );
     }
-    service.stop().await;
-    events.close().await;
-    env.cleanup().await;
-    sim.shutdown().await;
+    app.stop().await;
 }
 
 /// Runs `rabbitmqctl -q ARGS` on this machine's broker.

@@ -9,7 +9,7 @@ use video_orchestrator::auth;
 use video_orchestrator::http::{router, HttpState};
 use video_orchestrator::store::{NewTask, TaskStatus};
 
-use crate::helpers::TestEnv;
+use test_support::TestEnv;
 
 async fn serve(env: &TestEnv, stop: CancellationToken) -> std::net::SocketAddr {
     let state = HttpState {

@@ -5,13 +5,12 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use test_support::TestEnv;
 use video_orchestrator::messages::{Meta, VideoGenerationStarted};
 use video_orchestrator::store::{
     CheckAdvance, Inserted, NewTask, Store, Task, TaskStatus, TransitionPatch,
 };
 use video_orchestrator::topology::Topology;
-
-use crate::helpers::TestEnv;
 
 const ALL_STATUSES: [TaskStatus; 6] = [
     TaskStatus::Pending,

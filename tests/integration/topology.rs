@@ -13,14 +13,13 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use test_support::{header, TestEnv};
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::broker::{Broker, BrokerError, BrokerOptions, Publisher};
 use video_orchestrator::messages::{self, Meta, VideoProgressCheckRequested};
 use video_orchestrator::topology::{
     long_string, queue_exists, Topology, TopologyError, VIRTUAL_KEY_HEADER,
 };
-
-use crate::helpers::{header, TestEnv};
 
 fn random_hex() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..8].to_owned()

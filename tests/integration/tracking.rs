@@ -3,6 +3,8 @@
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+use test_support::app::{env_with, fast_vars, spawn_app_with, start_sim};
+use test_support::{eventually, process, spawn_app, Event, EventCollector, Instance, TestEnv};
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::app::Role;
 use video_orchestrator::broker::Publisher;
@@ -11,11 +13,15 @@ use video_orchestrator::messages::{Envelope, Meta, VideoProgressCheckRequested};
 use video_orchestrator::providers::sim::SimHandle;
 use video_orchestrator::store::TaskStatus;
 
-use crate::helpers::{EventCollector, TestEnv};
 use crate::proxy::Proxy;
-use crate::service::{env_with, eventually, start_sim, Instance};
 
 const DONE: Duration = Duration::from_secs(45);
+
+/// Checks 5 s apart, so each waits in the 5 s delay tier.
+const FIVE_SECOND_CHECKS: &[(&str, &str)] = &[
+    ("APP__TRACKING__MIN_INTERVAL_MS", "5000"),
+    ("APP__TRACKING__MAX_INTERVAL_MS", "5000"),
+];
 
 async fn submit(env: &TestEnv, vk: &str, prompt: &str) -> String {
     let stop = CancellationToken::new();
@@ -26,7 +32,7 @@ async fn submit(env: &TestEnv, vk: &str, prompt: &str) -> String {
     id
 }
 
-async fn wait_terminal(events: &EventCollector, id: &str) -> crate::helpers::Event {
+async fn wait_terminal(events: &EventCollector, id: &str) -> Event {
     events
         .wait_for(
             |e| {
@@ -42,19 +48,6 @@ async fn wait_terminal(events: &EventCollector, id: &str) -> crate::helpers::Eve
         )
         .await
         .unwrap_or_else(|| panic!("no terminal event for {id}"))
-}
-
-/// After the longest tier has passed and the service is stopped, no check is left anywhere.
-async fn assert_no_checks_left(env: &TestEnv) {
-    let topology = env.topology();
-    for tier in topology.delay_tiers_ms() {
-        let q = topology.delay_queue(*tier);
-        assert_eq!(env.queue_depth(&q).await, 0, "a check was left in {q}");
-    }
-    for p in 0..topology.partitions() {
-        let q = topology.partition_queue(p);
-        assert_eq!(env.queue_depth(&q).await, 0, "a check was left in {q}");
-    }
 }
 
 fn status_calls(sim: &SimHandle, job: &str) -> u64 {
@@ -76,16 +69,14 @@ async fn publish_check(env: &TestEnv, check: &VideoProgressCheckRequested) {
 
 #[tokio::test]
 async fn a_task_is_tracked_to_the_end_with_monotonic_progress_and_leaves_no_check_behind() {
-    let sim = start_sim(3000).await;
-    let env = env_with(&sim, &[]).await;
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
-
-    let id = submit(&env, "vk-mono", "a lighthouse at dusk").await;
-    let terminal = wait_terminal(&events, &id).await;
+    let app = spawn_app(3000).await;
+    let id = app
+        .submit(&new_request("vk-mono", "sora-2", "a lighthouse at dusk"))
+        .await;
+    let terminal = wait_terminal(&app.events, &id).await;
     assert_eq!(terminal.routing_key, "video.generation.completed");
 
-    let all = events.all();
+    let all = app.events.all();
     let progress: Vec<u64> = all
         .iter()
         .filter(|e| e.is("video.generation.progress", &id))
@@ -111,85 +102,69 @@ async fn a_task_is_tracked_to_the_end_with_monotonic_progress_and_leaves_no_chec
         "progress published after completion"
     );
 
-    let task = env.store.get(&id).await.unwrap().expect("task row");
+    let task = app.task(&id).await;
     assert_eq!(task.status, TaskStatus::Completed);
     assert!(task.tracking_stopped);
     assert!(task.checks_count >= 1);
 
     // The longest tier (5 s) elapses: nothing may be left circulating for this task.
     tokio::time::sleep(Duration::from_millis(5500)).await;
-    service.stop().await;
-    assert_no_checks_left(&env).await;
-    events.close().await;
-    env.cleanup().await;
-    sim.shutdown().await;
+    app.stop_leaving_no_checks().await;
 }
 
 #[tokio::test]
 async fn a_check_waiting_in_a_delay_queue_dies_when_tracking_is_cancelled() {
-    let sim = start_sim(60_000).await;
     // Checks wait 5 s in the delay tier: the cancel lands while the first one waits there.
-    let env = env_with(
-        &sim,
-        &[
-            ("APP__TRACKING__MIN_INTERVAL_MS", "5000"),
-            ("APP__TRACKING__MAX_INTERVAL_MS", "5000"),
-        ],
-    )
-    .await;
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
-
-    let id = submit(&env, "vk-cancel", "a very long film").await;
-    events
+    let app = spawn_app_with(60_000, FIVE_SECOND_CHECKS).await;
+    let id = app
+        .submit(&new_request("vk-cancel", "sora-2", "a very long film"))
+        .await;
+    app.events
         .wait_for(|e| e.is("video.generation.started", &id), DONE)
         .await
         .expect("started");
-    let stop = CancellationToken::new();
-    Client::new(env.broker().await, stop.clone())
+    app.client
         .cancel(&id, "vk-cancel", Some("changed my mind".into()))
         .await
         .unwrap();
-    stop.cancel();
-    events
+    app.events
         .wait_for(|e| e.is("video.progress.tracking_cancelled", &id), DONE)
         .await
         .expect("tracking cancelled");
 
     // Let the waiting check arrive and die.
     tokio::time::sleep(Duration::from_millis(6500)).await;
-    let task = env.store.get(&id).await.unwrap().unwrap();
+    let task = app.task(&id).await;
     assert_eq!(task.status, TaskStatus::Cancelled);
     let job = task.provider_task_id.clone().expect("provider job");
     assert_eq!(
-        status_calls(&sim, &job),
+        status_calls(&app.sim, &job),
         0,
         "the cancelled task's check still asked the provider"
     );
     assert!(
-        !events
+        !app.events
             .all()
             .iter()
             .any(|e| e.is("video.generation.progress", &id)),
         "progress was published after the cancel"
     );
     assert_eq!(task.checks_count, 0);
-    service.stop().await;
-    assert_no_checks_left(&env).await;
-    events.close().await;
-    env.cleanup().await;
-    sim.shutdown().await;
+    app.stop_leaving_no_checks().await;
 }
 
 #[tokio::test]
 async fn redelivered_and_duplicated_checks_are_dropped_so_one_chain_runs() {
-    let sim = start_sim(4000).await;
-    let env = env_with(&sim, &[]).await;
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
-
-    let id = submit(&env, "vk-dup", "two chains would be one too many").await;
-    let started = events
+    let app = spawn_app(4000).await;
+    let id = app
+        .submit(&new_request(
+            "vk-dup",
+            "sora-2",
+            "two chains would be one too many",
+        ))
+        .await;
+    let started = app
+        .events
         .wait_for(|e| e.is("video.generation.started", &id), DONE)
         .await
         .expect("started");
@@ -206,15 +181,15 @@ async fn redelivered_and_duplicated_checks_are_dropped_so_one_chain_runs() {
             start_time,
             sequence: 0,
         };
-        publish_check(&env, &check).await;
+        publish_check(&app.env, &check).await;
     }
-    let terminal = wait_terminal(&events, &id).await;
+    let terminal = wait_terminal(&app.events, &id).await;
     assert_eq!(terminal.routing_key, "video.generation.completed");
     tokio::time::sleep(Duration::from_millis(5500)).await;
 
-    let task = env.store.get(&id).await.unwrap().unwrap();
+    let task = app.task(&id).await;
     let job = task.provider_task_id.clone().unwrap();
-    let calls = status_calls(&sim, &job);
+    let calls = status_calls(&app.sim, &job);
     let tracked = (task.finished_at.unwrap() - task.started_at.unwrap()).num_milliseconds() as u64;
     // One chain asks once per check that advanced (the last may lose to the completion).
     assert!(calls >= 1);
@@ -227,11 +202,7 @@ async fn redelivered_and_duplicated_checks_are_dropped_so_one_chain_runs() {
         calls <= tracked / 1000 + 2,
         "{calls} calls in {tracked} ms at 1 s intervals"
     );
-    service.stop().await;
-    assert_no_checks_left(&env).await;
-    events.close().await;
-    env.cleanup().await;
-    sim.shutdown().await;
+    app.stop_leaving_no_checks().await;
 }
 
 #[tokio::test]
@@ -252,7 +223,7 @@ async fn a_check_for_a_missing_task_is_orphaned_and_not_rescheduled() {
     // Consumed (the partition empties) and nothing scheduled after it.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     service.stop().await;
-    assert_no_checks_left(&env).await;
+    env.assert_no_checks_left().await;
     assert_eq!(sim.stats().status_calls, 0);
     env.cleanup().await;
     sim.shutdown().await;
@@ -328,7 +299,7 @@ async fn two_instances_share_the_partitions_and_one_takes_all_when_the_other_sto
         assert_eq!(completed, 1, "{id} completed {completed} times");
     }
     b.stop().await;
-    assert_no_checks_left(&env).await;
+    env.assert_no_checks_left().await;
     events.close().await;
     env.cleanup().await;
     sim.shutdown().await;
@@ -381,29 +352,21 @@ async fn a_database_outage_mid_task_does_not_end_tracking() {
 
 #[tokio::test]
 async fn a_lost_delayed_check_is_rearmed_by_the_sweeper() {
-    let sim = start_sim(9000).await;
-    let env = env_with(
-        &sim,
-        &[
-            ("APP__TRACKING__MIN_INTERVAL_MS", "5000"),
-            ("APP__TRACKING__MAX_INTERVAL_MS", "5000"),
-        ],
-    )
-    .await;
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
-    let id = submit(&env, "vk-lost", "a check goes missing").await;
-    events
+    let app = spawn_app_with(9000, FIVE_SECOND_CHECKS).await;
+    let id = app
+        .submit(&new_request("vk-lost", "sora-2", "a check goes missing"))
+        .await;
+    app.events
         .wait_for(|e| e.is("video.generation.started", &id), DONE)
         .await
         .expect("started");
-    let tier = env.topology().delay_queue(5000);
+    let tier = app.env.topology().delay_queue(5000);
     eventually(Duration::from_secs(5), || async {
-        (env.queue_depth(&tier).await == 1).then_some(())
+        (app.env.queue_depth(&tier).await == 1).then_some(())
     })
     .await
     .expect("the first check waits in the 5 s tier");
-    let channel = env.connection.create_channel().await.unwrap();
+    let channel = app.env.connection.create_channel().await.unwrap();
     channel
         .queue_purge(
             tier.as_str().into(),
@@ -413,17 +376,14 @@ async fn a_lost_delayed_check_is_rearmed_by_the_sweeper() {
         .unwrap();
     let _ = channel.close(200, "purged".into()).await;
 
-    let terminal = wait_terminal(&events, &id).await;
+    let terminal = wait_terminal(&app.events, &id).await;
     assert_eq!(terminal.routing_key, "video.generation.completed");
-    let task = env.store.get(&id).await.unwrap().unwrap();
+    let task = app.task(&id).await;
     assert!(
         task.check_sequence >= 1,
         "the sweeper bumps the sequence when it re-arms"
     );
-    service.stop().await;
-    events.close().await;
-    env.cleanup().await;
-    sim.shutdown().await;
+    app.stop().await;
 }
 
 /// Runs the real binary with the crash hook at `point`, waits for it to die mid-check, then a
@@ -432,21 +392,14 @@ async fn crash_at(point: &str) {
     let sim = start_sim(4000).await;
     let env = env_with(&sim, &[]).await;
     let events = env.events().await;
-    let mut vars = crate::service::fast_vars(&sim);
-    vars.push(("APP__TOPOLOGY__PREFIX".into(), env.prefix.clone()));
-    vars.push((
-        "APP__DATABASE__URL".into(),
-        env.settings.database.url.expose_secret().to_owned(),
-    ));
-    vars.push(("APP__RABBITMQ__URL".into(), env.rabbitmq_url().to_owned()));
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_video-orchestrator"))
-        .arg("serve")
+    let mut vars = fast_vars(&sim);
+    vars.extend(env.child_vars());
+    let child = process::command(&["serve"])
         .envs(vars)
         .env("VIDEO_ORCHESTRATOR_CRASH_AT", point)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
         .spawn()
         .expect("binary starts");
     // The binary declares the topology and waits for its HTTP port; publish once it is up.
@@ -489,7 +442,7 @@ async fn crash_at(point: &str) {
     assert_eq!(distinct("video.generation.completed"), 1);
     assert_eq!(distinct("video.generation.started"), 1);
     service.stop().await;
-    assert_no_checks_left(&env).await;
+    env.assert_no_checks_left().await;
     events.close().await;
     env.cleanup().await;
     sim.shutdown().await;

@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use lapin::options::ExchangeDeleteOptions;
 
-use crate::harness::{
-    assert_clean, figure, note, one_at_a_time, rabbit_log_lines, submit_load, Cluster, Expectation,
+use test_support::cluster::{
+    assert_clean, one_at_a_time, rabbit_log_lines, submit_load, Audit, Cluster, Expectation,
     FaultWindow, Options,
 };
+use test_support::figures::{figure, note};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delay_tier_held_by_the_broker_does_not_stall_tracking() {
@@ -79,19 +80,13 @@ async fn a_delay_tier_held_by_the_broker_does_not_stall_tracking() {
     let to = chrono::Utc::now();
     note(run, "video.progress deleted and declared again");
 
-    let drained = Instant::now();
-    cluster.drain(&ids, Duration::from_secs(90)).await;
-    let drain_s = drained.elapsed().as_secs_f64();
-    let counters = cluster.counters().await;
-    cluster.stop_all().await;
-    let expected: Vec<Expectation> = ids
-        .iter()
-        .map(|id| Expectation {
-            request_id: id.clone(),
-            refused: false,
-        })
-        .collect();
-    let mut books = cluster.books(&expected, &[FaultWindow { from, to }]).await;
+    let drain_s = cluster.drain(&ids, Duration::from_secs(90)).await.seconds;
+    let Audit {
+        counters,
+        mut books,
+    } = cluster
+        .audit(&Expectation::all_run(&ids), &[FaultWindow { from, to }])
+        .await;
     // The held checks are stale: the broker lets them go after its timeout (120 s), after this
     // test; nothing else may be left.
     let still_held: u64 = books

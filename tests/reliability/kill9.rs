@@ -1,14 +1,13 @@
 //! Fault 1: `kill -9` of a random instance every few seconds during a load, restarting it each
 //! time. Nothing may be lost, no chain may fork or die, nothing may be reported twice.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
-
-use crate::harness::{
-    assert_clean, figure, note, one_at_a_time, submit_load, Cluster, Expectation, FaultWindow,
-    Options,
+use test_support::cluster::{
+    assert_clean, one_at_a_time, submit_load, Audit, Cluster, Expectation, FaultWindow, Options,
 };
+use test_support::figures::{figure, note};
 
 async fn kill9_run(run: &'static str, tasks: usize, per_second: f64) {
     let _serial = one_at_a_time().await;
@@ -59,20 +58,8 @@ async fn kill9_run(run: &'static str, tasks: usize, per_second: f64) {
         run,
         &format!("{} kills; load submitted; draining", faults.len()),
     );
-    let drained_from = Instant::now();
-    cluster.drain(&ids, Duration::from_secs(120)).await;
-    let drain_s = drained_from.elapsed().as_secs_f64();
-    let counters = cluster.counters().await;
-    cluster.stop_all().await;
-
-    let expected: Vec<Expectation> = ids
-        .iter()
-        .map(|id| Expectation {
-            request_id: id.clone(),
-            refused: false,
-        })
-        .collect();
-    let books = cluster.books(&expected, &faults).await;
+    let drain_s = cluster.drain(&ids, Duration::from_secs(120)).await.seconds;
+    let Audit { counters, books } = cluster.audit(&Expectation::all_run(&ids), &faults).await;
     let recovered_max = faults
         .iter()
         .map(FaultWindow::recovery_s)

@@ -2,13 +2,6 @@
 //! faults injected, the books checked. Faults that stop the machine's shared RabbitMQ or
 //! PostgreSQL live in the `faults` test binary. See RELIABILITY.md.
 
-#[allow(dead_code)]
-#[path = "../integration/helpers.rs"]
-mod helpers;
-
-#[allow(dead_code)]
-mod harness;
-
 mod decode_props;
 mod held_tier;
 mod kill9;

@@ -12,23 +12,34 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use lapin::options::{
-    BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-};
+use lapin::options::{BasicCancelOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
+use test_support::cluster::{assert_clean, one_at_a_time, Audit, Cluster, Expectation, Options};
+use test_support::figures::{figure, note};
+use test_support::{consume_unacked, header};
 use video_orchestrator::messages::{self, GenerationCommand, VideoProgressCheckRequested};
-
-use crate::harness::{assert_clean, figure, note, one_at_a_time, Cluster, Expectation, Options};
 
 const BAD: usize = 10_000;
 /// Share of the bad bodies sent to `video.progress` (the rest go to `video.generation`).
 const TO_PROGRESS_EVERY: usize = 10;
 const GOOD: usize = 100;
 const WRONG_KEY_CANCELS: usize = 30;
+
+/// Every way a bad message is broken.
+const KINDS: [&str; 8] = [
+    "not_json",
+    "not_object",
+    "wrong_type",
+    "huge_string",
+    "unknown_version",
+    "missing_field",
+    "unknown_type",
+    "mutated",
+];
 
 /// Where a raw message goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,27 +238,11 @@ fn bad(rng: &mut StdRng, i: usize) -> Raw {
         _ => None,
     };
     let (mut value, required) = valid(target, routing_key);
-    let kinds: &[&str] = match target {
-        Target::Generation => &[
-            "not_json",
-            "not_object",
-            "wrong_type",
-            "huge_string",
-            "unknown_version",
-            "missing_field",
-            "unknown_type",
-            "mutated",
-        ],
-        Target::Progress => &[
-            "not_json",
-            "not_object",
-            "wrong_type",
-            "huge_string",
-            "unknown_version",
-            "missing_field",
-            "mutated",
-        ],
-    };
+    // A check has no `type` property to get wrong.
+    let kinds: Vec<&str> = KINDS
+        .into_iter()
+        .filter(|k| target == Target::Generation || *k != "unknown_type")
+        .collect();
     // Huge bodies are 1 in 64 (about 10 MB over the run).
     let kind = if rng.random_range(0..64) == 0 {
         "huge_string"
@@ -469,16 +464,7 @@ async fn read_parking(
     let queue = cluster.env.topology().parking_queue();
     let generation = cluster.env.topology().generation_queue();
     let channel = conn.create_channel().await.expect("channel");
-    let mut consumer = channel
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
+    let mut consumer = consume_unacked(&channel, &queue)
         .await
         .expect("consume parking");
     let mut by = BTreeMap::new();
@@ -490,8 +476,8 @@ async fn read_parking(
     .await
     {
         read += 1;
-        let reason = crate::helpers::header(&d, "x-parked-reason").unwrap_or_default();
-        let original = crate::helpers::header(&d, "x-original-queue").unwrap_or_default();
+        let reason = header(&d, "x-parked-reason").unwrap_or_default();
+        let original = header(&d, "x-original-queue").unwrap_or_default();
         if reason.trim().is_empty() || original.is_empty() {
             unexplained += 1;
         }
@@ -655,27 +641,16 @@ async fn ten_thousand_poison_messages_are_parked_and_good_ones_complete() {
     let parked_final = cluster.depth(&conn, &parking).await;
     let alive = cluster.all_alive();
     let ready = cluster.ready_count().await;
-    let counters = cluster.counters().await;
     let parked_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_messages")
         .fetch_one(cluster.env.store.pool())
         .await
         .expect("count parked rows");
     let interrupted = cluster.log_lines("consumer interrupted");
     let same_pids = cluster.pids() == pids;
-    cluster.stop_all().await;
 
-    let expected: Vec<Expectation> = good_ids
-        .iter()
-        .map(|id| Expectation {
-            request_id: id.clone(),
-            refused: false,
-        })
-        .chain(refused_ids.iter().map(|id| Expectation {
-            request_id: id.clone(),
-            refused: true,
-        }))
-        .collect();
-    let books = cluster.books(&expected, &[]).await;
+    let mut expected = Expectation::all_run(&good_ids);
+    expected.extend(Expectation::all_refused(&refused_ids));
+    let Audit { counters, books } = cluster.audit(&expected, &[]).await;
     let rejected = |command: &str, ids: &[String]| {
         ids.iter()
             .filter(|id| {

@@ -6,11 +6,11 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-
-use crate::harness::{
-    assert_clean, figure, note, one_at_a_time, submit_load, Cluster, Expectation, FaultWindow,
-    Options,
+use test_support::cluster::{
+    assert_clean, one_at_a_time, submit_load, Audit, Cluster, Expectation, FaultWindow, Options,
 };
+use test_support::figures::{figure, note};
+use video_orchestrator::providers::sim::SimFaults;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_500s_429s_and_timeouts_end_every_task_correctly() {
@@ -40,9 +40,12 @@ async fn provider_500s_429s_and_timeouts_end_every_task_correctly() {
     let from = Utc::now();
     cluster
         .sim
-        .set_faults(serde_json::json!({
-            "errorRate": 0.25, "rateLimitRate": 0.15, "hangRate": 0.03
-        }))
+        .set_faults(&SimFaults {
+            error_rate: 0.25,
+            rate_limit_rate: 0.15,
+            hang_rate: 0.03,
+            ..SimFaults::default()
+        })
         .await;
     // A few the provider refuses with 503 on every attempt: retries run out, `retryable`.
     let mut unavailable = Vec::new();
@@ -55,7 +58,7 @@ async fn provider_500s_429s_and_timeouts_end_every_task_correctly() {
         unavailable.push(driver.client.submit(&request).await.expect("published"));
     }
     tokio::time::sleep(Duration::from_secs(12)).await;
-    cluster.sim.set_faults(serde_json::json!({})).await;
+    cluster.sim.set_faults(&SimFaults::default()).await;
     let cleared = Instant::now();
     let to = Utc::now();
     note(run, "provider faults cleared");
@@ -64,20 +67,13 @@ async fn provider_500s_429s_and_timeouts_end_every_task_correctly() {
     let mut ids = load.await.expect("load driver");
     ids.extend(unavailable);
     driver.close().await;
-    let last = cluster.drain(&ids, Duration::from_secs(120)).await;
+    let last = cluster
+        .drain(&ids, Duration::from_secs(120))
+        .await
+        .last_finished;
     let recovered_s = (last - to).num_milliseconds().max(0) as f64 / 1000.0;
-    let counters = cluster.counters().await;
     let timeouts = cluster.log_lines("timed out");
-    cluster.stop_all().await;
-
-    let expected: Vec<Expectation> = ids
-        .iter()
-        .map(|id| Expectation {
-            request_id: id.clone(),
-            refused: false,
-        })
-        .collect();
-    let books = cluster.books(&expected, &faults).await;
+    let Audit { counters, books } = cluster.audit(&Expectation::all_run(&ids), &faults).await;
     let gave_up: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM video_tasks WHERE request_id = ANY($1)
            AND status = 'failed' AND retryable AND provider_task_id IS NULL",

@@ -1,18 +1,23 @@
-//! Runs the whole service in-process against a test's prefix and database, with the simulated
-//! provider on loopback. Each instance is owned by the test: `stop` resolves its shutdown future
-//! and awaits it, the same path SIGTERM takes.
+//! The whole service in process against a test's prefix and database, with the simulated
+//! provider on loopback. Each [`Instance`] is owned by the test: `stop` resolves its shutdown
+//! future and awaits it, the same path SIGTERM takes. [`spawn_app`] starts the usual set: the
+//! provider, an environment, the event collector, one instance with every role and a client.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use video_orchestrator::app::{Application, Role};
+use video_orchestrator::client::Client;
 use video_orchestrator::config::Settings;
+use video_orchestrator::messages::VideoGenerationRequested;
 use video_orchestrator::providers::sim::{SimHandle, SimProvider, SimSettings};
+use video_orchestrator::store::Task;
 
-use crate::helpers::TestEnv;
-
+use crate::env::TestEnv;
+use crate::events::EventCollector;
 /// A simulated provider whose jobs take `duration_ms`.
 pub async fn start_sim(duration_ms: u64) -> SimHandle {
     SimProvider::start(
@@ -146,5 +151,90 @@ where
             return None;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What most tests run against: the simulated provider, a fresh environment, the event collector
+/// (subscribed before anything is published), one instance with every role, and a client.
+#[derive(Debug)]
+pub struct TestApp {
+    /// The simulated provider the instance calls.
+    pub sim: SimHandle,
+    /// The test's prefix and database.
+    pub env: TestEnv,
+    /// Everything published on the test's `video.events`.
+    pub events: EventCollector,
+    /// The service, every role.
+    pub service: Instance,
+    /// Publishes requests and cancels on its own broker connection.
+    pub client: Client,
+    client_stop: CancellationToken,
+}
+
+/// [`TestApp`] with the fast settings; the simulated provider's jobs take `sim_duration_ms`.
+pub async fn spawn_app(sim_duration_ms: u64) -> TestApp {
+    spawn_app_with(sim_duration_ms, &[]).await
+}
+
+/// [`spawn_app`] with `extra` `APP__…` overrides.
+pub async fn spawn_app_with(sim_duration_ms: u64, extra: &[(&str, &str)]) -> TestApp {
+    let sim = start_sim(sim_duration_ms).await;
+    let env = env_with(&sim, extra).await;
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+    let client_stop = CancellationToken::new();
+    let client = Client::new(env.broker().await, client_stop.clone());
+    TestApp {
+        sim,
+        env,
+        events,
+        service,
+        client,
+        client_stop,
+    }
+}
+
+impl TestApp {
+    /// Publishes `request`; returns its `requestId` once the broker confirmed it.
+    pub async fn submit(&self, request: &VideoGenerationRequested) -> String {
+        self.client
+            .submit(request)
+            .await
+            .expect("the broker confirms the request")
+    }
+
+    /// The task row of `request_id`.
+    ///
+    /// # Panics
+    /// When there is none.
+    pub async fn task(&self, request_id: &str) -> Task {
+        self.env
+            .store
+            .get(request_id)
+            .await
+            .expect("read the task")
+            .unwrap_or_else(|| panic!("no task row for {request_id}"))
+    }
+
+    /// Stops everything this app started, then gives the environment back.
+    pub async fn stop(self) {
+        self.client_stop.cancel();
+        drop(self.client);
+        self.events.close().await;
+        self.service.stop().await;
+        self.sim.shutdown().await;
+        self.env.cleanup().await;
+    }
+
+    /// [`TestApp::stop`], asserting once the service is down (its prefetched checks back in
+    /// their queues) that no check is left in any delay tier or partition.
+    pub async fn stop_leaving_no_checks(self) {
+        self.client_stop.cancel();
+        drop(self.client);
+        self.service.stop().await;
+        self.env.assert_no_checks_left().await;
+        self.events.close().await;
+        self.sim.shutdown().await;
+        self.env.cleanup().await;
     }
 }
