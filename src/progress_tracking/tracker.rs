@@ -1,25 +1,11 @@
-//! The progress-tracking orchestrator: one self-scheduling chain of checks per task.
-//!
-//! A check (`VideoProgressCheckRequested`) arrives from a partition queue, is checked against the
-//! task row, asks the provider for status, publishes progress, and schedules the next check into
-//! a delay tier. The order of the steps is the chain's guarantee:
-//!
-//! 1. publish the next check (or `VideoProviderTaskFinished`) and the progress event, confirmed;
-//! 2. advance the row's `check_sequence` past this check's sequence (one conditional UPDATE);
-//! 3. acknowledge.
-//!
-//! A crash before 1 redelivers the check, which runs again (it never ran). A crash between 1 and
-//! 3 leaves a duplicate next check beside the redelivered one: whichever runs first advances the
-//! row and the other is stale on arrival. So the chain never dies and never forks for longer than
-//! one hop. A check runs only when its `sequence` is not below the row's `check_sequence`, and
-//! running it moves the row past it, so every older or duplicate check is dropped.
+//! The progress tracker: runs one check against the task row and the provider, then schedules
+//! the next one (the order of the steps is the module's guarantee, see [`super`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Mutex as StdMutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{delivery_span, BrokerError, Handler, Incoming, Outcome, Publisher};
@@ -31,6 +17,9 @@ use crate::messages::{
 use crate::providers::{ProviderState, ProviderStatus, ProviderTask, Providers};
 use crate::store::{CheckAdvance, Store, Task, TaskStatus};
 use crate::topology::Topology;
+
+use super::limiter::KeyedLimiter;
+use super::policy::{next_interval, published_progress, schedule, Schedule};
 
 /// Values of the `outcome` label of `video_progress_checks_total`.
 pub mod outcome {
@@ -82,154 +71,6 @@ fn crash_if(configured: Option<CrashPoint>, here: CrashPoint) {
 
 fn count(outcome: &'static str) {
     metrics::counter!("video_progress_checks_total", "outcome" => outcome).increment(1);
-}
-
-/// When the next check is due and which tier carries it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Schedule {
-    /// Delay tier queue to publish into.
-    pub tier_ms: u64,
-    /// When the check is due (`scheduledAt`).
-    pub delay_ms: u64,
-}
-
-/// The interval policy: short at first, doubling every few checks for long stable tasks up to
-/// `max_interval_ms`, and shrinking again when the predicted completion is near.
-pub fn next_interval(
-    settings: &TrackingSettings,
-    interval_index: u32,
-    elapsed: Duration,
-    predicted_total: Option<Duration>,
-) -> Duration {
-    let min = settings.min_interval_ms;
-    let max = settings.max_interval_ms.max(min);
-    // Five checks at the minimum, then double every four checks.
-    let doublings = interval_index.saturating_sub(4) / 4;
-    let grown = min.saturating_mul(1u64 << doublings.min(20)).min(max);
-    let mut interval = Duration::from_millis(grown);
-    if let Some(total) = predicted_total {
-        let remaining = total.saturating_sub(elapsed);
-        if remaining < interval {
-            interval = remaining.max(Duration::from_millis(min));
-        }
-    }
-    interval
-}
-
-/// Maps a wanted delay onto the tiers: the largest tier not above it, so checks are never late
-/// by policy; a delay longer than the longest tier rides the longest tier and goes round again
-/// on arrival; `at_least` (a provider's `Retry-After`) rounds up instead.
-pub fn schedule(topology: &Topology, wanted: Duration, at_least: Option<Duration>) -> Schedule {
-    let wanted_ms = wanted.as_millis() as u64;
-    let longest = topology.longest_tier_ms();
-    match at_least {
-        Some(min) if min.as_millis() as u64 >= wanted_ms => {
-            let min_ms = min.as_millis() as u64;
-            if min_ms > longest {
-                Schedule {
-                    tier_ms: longest,
-                    delay_ms: min_ms,
-                }
-            } else {
-                let tier = topology.tier_at_least(min_ms);
-                Schedule {
-                    tier_ms: tier,
-                    delay_ms: tier,
-                }
-            }
-        }
-        _ if wanted_ms > longest => Schedule {
-            tier_ms: longest,
-            delay_ms: wanted_ms,
-        },
-        _ => {
-            let tier = topology.tier_at_most(wanted_ms);
-            Schedule {
-                tier_ms: tier,
-                delay_ms: tier,
-            }
-        }
-    }
-}
-
-/// Progress we publish: the provider's number when it has one, else an estimate from elapsed
-/// time against the model's median duration; never backwards, never 100 before the provider
-/// says done.
-pub fn published_progress(
-    previous: i16,
-    provider_progress: Option<u8>,
-    elapsed: Duration,
-    median: Option<Duration>,
-) -> (u8, Option<Duration>) {
-    let (raw, total) = match (provider_progress, median) {
-        (Some(p), _) => {
-            let total = if p > 0 {
-                Some(elapsed.mul_f64(100.0 / f64::from(p)))
-            } else {
-                median
-            };
-            (p, total)
-        }
-        (None, Some(m)) if !m.is_zero() => {
-            let est = (elapsed.as_secs_f64() / m.as_secs_f64() * 100.0).floor();
-            (est.clamp(0.0, 95.0) as u8, Some(m))
-        }
-        (None, _) => (0, None),
-    };
-    let previous = u8::try_from(previous.clamp(0, 100)).unwrap_or(0);
-    (raw.min(99).max(previous.min(99)), total)
-}
-
-/// Bounded concurrency per key, plus strict serialisation per key when the permit count is 1.
-/// Entries are removed when nobody holds or waits for them, so memory follows in-flight work,
-/// not the number of tasks.
-#[derive(Debug, Default)]
-struct KeyedLimiter {
-    permits: usize,
-    map: StdMutex<HashMap<String, Arc<Semaphore>>>,
-}
-
-struct KeyedPermit<'a> {
-    limiter: &'a KeyedLimiter,
-    key: String,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Drop for KeyedPermit<'_> {
-    fn drop(&mut self) {
-        self.permit.take();
-        let mut map = self.limiter.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(sem) = map.get(&self.key) {
-            // Only our map entry holds it: nobody waits or holds a permit.
-            if Arc::strong_count(sem) == 1 {
-                map.remove(&self.key);
-            }
-        }
-    }
-}
-
-impl KeyedLimiter {
-    fn new(permits: usize) -> Self {
-        Self {
-            permits,
-            map: StdMutex::new(HashMap::new()),
-        }
-    }
-
-    async fn acquire(&self, key: &str) -> KeyedPermit<'_> {
-        let sem = {
-            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(key.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.permits)))
-                .clone()
-        };
-        let permit = sem.acquire_owned().await.ok();
-        KeyedPermit {
-            limiter: self,
-            key: key.to_owned(),
-            permit,
-        }
-    }
 }
 
 /// The tracker: a [`Handler`] for partition queues.
@@ -666,115 +507,4 @@ pub fn rearm_check(
         sequence: task.check_sequence,
     };
     (tier, check)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> TrackingSettings {
-        crate::config::Settings::load_from(&[]).unwrap().tracking
-    }
-
-    #[test]
-    fn interval_starts_short_grows_and_caps() {
-        let s = settings();
-        let at = |i| next_interval(&s, i, Duration::from_secs(0), None).as_millis() as u64;
-        assert_eq!(at(0), 2000);
-        assert_eq!(at(4), 2000);
-        assert_eq!(at(8), 4000);
-        assert_eq!(at(12), 8000);
-        assert_eq!(at(100), 30000);
-    }
-
-    #[test]
-    fn interval_shrinks_near_predicted_completion() {
-        let s = settings();
-        let i = next_interval(
-            &s,
-            40,
-            Duration::from_secs(100),
-            Some(Duration::from_secs(105)),
-        );
-        assert_eq!(i, Duration::from_secs(5));
-        let i = next_interval(
-            &s,
-            40,
-            Duration::from_secs(100),
-            Some(Duration::from_secs(100)),
-        );
-        assert_eq!(i, Duration::from_millis(2000), "never below the minimum");
-    }
-
-    #[test]
-    fn schedule_snaps_to_tiers() {
-        let t = Topology::new("", 16, vec![1000, 2000, 5000, 10000, 30000, 60000]);
-        assert_eq!(
-            schedule(&t, Duration::from_millis(4000), None),
-            Schedule {
-                tier_ms: 2000,
-                delay_ms: 2000
-            }
-        );
-        assert_eq!(
-            schedule(&t, Duration::from_millis(500), None),
-            Schedule {
-                tier_ms: 1000,
-                delay_ms: 1000
-            }
-        );
-        assert_eq!(
-            schedule(&t, Duration::from_secs(90), None),
-            Schedule {
-                tier_ms: 60000,
-                delay_ms: 90000
-            }
-        );
-        // Retry-After stretches the interval to at least that long.
-        assert_eq!(
-            schedule(
-                &t,
-                Duration::from_millis(2000),
-                Some(Duration::from_millis(3000))
-            ),
-            Schedule {
-                tier_ms: 5000,
-                delay_ms: 5000
-            }
-        );
-    }
-
-    #[test]
-    fn published_progress_is_monotonic_and_never_complete() {
-        assert_eq!(
-            published_progress(40, Some(30), Duration::from_secs(3), None).0,
-            40
-        );
-        assert_eq!(
-            published_progress(40, Some(100), Duration::from_secs(3), None).0,
-            99
-        );
-        let (p, total) = published_progress(
-            0,
-            None,
-            Duration::from_secs(5),
-            Some(Duration::from_secs(10)),
-        );
-        assert_eq!(p, 50);
-        assert_eq!(total, Some(Duration::from_secs(10)));
-        assert_eq!(
-            published_progress(
-                0,
-                None,
-                Duration::from_secs(50),
-                Some(Duration::from_secs(10))
-            )
-            .0,
-            95
-        );
-        assert_eq!(
-            published_progress(0, None, Duration::from_secs(5), None).0,
-            0
-        );
-    }
 }
