@@ -13,14 +13,16 @@
 //! row and the other is stale on arrival. So the chain never dies and never forks for longer than
 //! one hop. A check runs only when its `sequence` is not below the row's `check_sequence`, and
 //! running it moves the row past it, so every older or duplicate check is dropped.
-
 //!
 //! Layout: `policy` (intervals, delay tiers, published progress), `limiter` (per-key
-//! concurrency), `tracker` (the [`ProgressTracker`] that runs a check).
+//! concurrency), `outcome` (a check's [`CheckOutcome`], also its metric label), `tracker` (the
+//! [`ProgressTracker`] that runs a check).
 
 mod limiter;
+mod outcome;
 mod policy;
 mod tracker;
 
+pub use outcome::CheckOutcome;
 pub use policy::{next_interval, published_progress, schedule, Schedule};
-pub use tracker::{outcome, rearm_check, CrashPoint, ProgressTracker};
+pub use tracker::{rearm_check, CrashPoint, ProgressTracker};

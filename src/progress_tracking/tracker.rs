@@ -19,25 +19,8 @@ use crate::store::{CheckAdvance, Store, Task, TaskStatus};
 use crate::topology::Topology;
 
 use super::limiter::KeyedLimiter;
+use super::outcome::CheckOutcome;
 use super::policy::{next_interval, published_progress, schedule, Schedule};
-
-/// Values of the `outcome` label of `video_progress_checks_total`.
-pub mod outcome {
-    /// Published new progress and scheduled the next check.
-    pub const PROGRESSED: &str = "progressed";
-    /// Nothing changed; scheduled the next check.
-    pub const UNCHANGED: &str = "unchanged";
-    /// The provider finished (or the task timed out); the chain ends.
-    pub const FINISHED: &str = "finished";
-    /// No such task.
-    pub const ORPHANED: &str = "orphaned";
-    /// Sequence below the row's: duplicate, redelivered after the chain moved on, or forked.
-    pub const STALE: &str = "stale";
-    /// The task is no longer processing or tracking was cancelled.
-    pub const STOPPED: &str = "stopped";
-    /// The provider or the database failed; the chain goes on with the next check.
-    pub const ERROR: &str = "error";
-}
 
 /// Where a test can make the process die mid-check (`VIDEO_ORCHESTRATOR_CRASH_AT`), to prove the
 /// chain survives a crash at each step. Unset in production: the check is one env read at start.
@@ -67,10 +50,6 @@ fn crash_if(configured: Option<CrashPoint>, here: CrashPoint) {
         eprintln!("VIDEO_ORCHESTRATOR_CRASH_AT={here:?}: aborting the process");
         std::process::abort();
     }
-}
-
-fn count(outcome: &'static str) {
-    metrics::counter!("video_progress_checks_total", "outcome" => outcome).increment(1);
 }
 
 /// The tracker: a [`Handler`] for partition queues.
@@ -134,7 +113,7 @@ impl ProgressTracker {
         &self,
         check: &VideoProgressCheckRequested,
         traceparent: Option<String>,
-    ) -> &'static str {
+    ) -> CheckOutcome {
         let now = Utc::now();
         // A delay longer than the longest tier goes round again until it is due.
         let early_ms = (check.scheduled_at - now).num_milliseconds();
@@ -151,8 +130,7 @@ impl ProgressTracker {
             if let Err(e) = self.publisher.publish(&envelope).await {
                 warn!(error = %e, "could not send an early check round again; the sweeper will re-arm");
             }
-            metrics::counter!("video_progress_checks_recirculated_total").increment(1);
-            return "recirculated";
+            return CheckOutcome::Recirculated;
         }
         let lag = (now - check.scheduled_at).num_milliseconds() as f64 / 1000.0;
         metrics::histogram!("video_progress_scheduling_lag_seconds").record(lag.max(0.0));
@@ -169,19 +147,19 @@ impl ProgressTracker {
             Ok(None) => {
                 metrics::counter!("video_progress_orphaned_checks_total").increment(1);
                 debug!("orphaned check: no such task");
-                return outcome::ORPHANED;
+                return CheckOutcome::Orphaned;
             }
             Err(e) => {
                 // The row is unknown, so it was not advanced: the next check keeps this sequence.
                 warn!(error = %e, "database error during a check; scheduling the next one");
                 self.schedule_next(check, check.sequence, None, &traceparent, None)
                     .await;
-                return outcome::ERROR;
+                return CheckOutcome::Error;
             }
         };
         if task.status != TaskStatus::Processing || task.tracking_stopped {
             debug!(status = task.status.as_str(), "tracking stopped");
-            return outcome::STOPPED;
+            return CheckOutcome::Stopped;
         }
         if check.sequence < task.check_sequence {
             metrics::counter!("video_progress_stale_checks_total").increment(1);
@@ -190,7 +168,7 @@ impl ProgressTracker {
                 row = task.check_sequence,
                 "stale or duplicate check dropped"
             );
-            return outcome::STALE;
+            return CheckOutcome::Stale;
         }
         let started = task.started_at.unwrap_or(check.start_time);
         let elapsed = (now - started).to_std().unwrap_or_default();
@@ -203,7 +181,7 @@ impl ProgressTracker {
             warn!(provider = %task.provider, "task's provider is not configured on this instance");
             self.schedule_next(check, check.sequence + 1, None, &traceparent, Some(&task))
                 .await;
-            return outcome::ERROR;
+            return CheckOutcome::Error;
         };
         let provider_task = ProviderTask {
             id: task.provider_task_id.clone().unwrap_or_default(),
@@ -223,7 +201,7 @@ impl ProgressTracker {
                     Some(&task),
                 )
                 .await;
-                return outcome::ERROR;
+                return CheckOutcome::Error;
             }
         };
         if status.state.is_terminal() {
@@ -267,7 +245,7 @@ impl ProgressTracker {
         task: &Task,
         finished: VideoProviderTaskFinished,
         traceparent: &Option<String>,
-    ) -> &'static str {
+    ) -> CheckOutcome {
         let envelope = self
             .topology
             .event(&finished)
@@ -275,7 +253,7 @@ impl ProgressTracker {
         if let Err(e) = self.publisher.publish(&envelope).await {
             // Not published: leave the row as it is so the sweeper re-arms the chain.
             warn!(error = %e, "could not publish the provider outcome; the sweeper will re-arm");
-            return outcome::ERROR;
+            return CheckOutcome::Error;
         }
         let advance = CheckAdvance {
             sequence: check.sequence,
@@ -288,7 +266,7 @@ impl ProgressTracker {
             debug!(error = %e, "could not record the last check");
         }
         info!(outcome = ?finished.outcome, "provider finished; tracking ends");
-        outcome::FINISHED
+        CheckOutcome::Finished
     }
 
     async fn progress(
@@ -298,7 +276,7 @@ impl ProgressTracker {
         status: &ProviderStatus,
         elapsed: Duration,
         traceparent: &Option<String>,
-    ) -> &'static str {
+    ) -> CheckOutcome {
         let median = if status.progress.is_none() {
             self.median(&task.model).await
         } else {
@@ -355,7 +333,7 @@ impl ProgressTracker {
         }
         if let Err(e) = next_result {
             warn!(error = %e, "next check not published; the sweeper will re-arm");
-            return outcome::ERROR;
+            return CheckOutcome::Error;
         }
         crash_if(self.crash_at, CrashPoint::AfterPublish);
         if changed && self.webhooks.include_progress {
@@ -378,13 +356,13 @@ impl ProgressTracker {
                 // The next check is out and carries a sequence at or above the row's: the chain
                 // goes on even though this write is lost.
                 warn!(error = %e, "could not advance the check sequence");
-                return outcome::ERROR;
+                return CheckOutcome::Error;
             }
         }
         if changed {
-            outcome::PROGRESSED
+            CheckOutcome::Progressed
         } else {
-            outcome::UNCHANGED
+            CheckOutcome::Unchanged
         }
     }
 
@@ -477,10 +455,7 @@ impl Handler for ProgressTracker {
             span.record("virtual_key", check.virtual_key_id.as_str());
             crash_if(self.crash_at, CrashPoint::Received);
             let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
-            let result = self.check(&check, Some(traceparent)).await;
-            if result != "recirculated" {
-                count(result);
-            }
+            self.check(&check, Some(traceparent)).await.record();
             Outcome::Ack
         }
         .instrument(span)
