@@ -19,7 +19,6 @@ use crate::config::{GenerationSettings, TrackingSettings};
 use crate::messages::{
     Envelope, Message, Meta, VideoGenerationRequested, VideoProgressCheckRequested,
 };
-use crate::progress_tracking::rearm_check;
 use crate::store::{Store, StoreError};
 use crate::topology::Topology;
 
@@ -63,14 +62,19 @@ impl Sweeper {
             .rearm_overdue(grace, Duration::from_millis(tier), 500)
             .await?;
         for task in &rearmed {
-            let (_, mut check) = rearm_check(task, &self.topology, &self.tracking);
-            // Straight into the partitions, not through a delay tier: the task is overdue
+            // Due now and straight into the partitions, not through a delay tier: the task is overdue
             // already, and the tier may be what holds its check. After a broker restart,
             // RabbitMQ 3.10 can hold a tier's dead-lettering for
             // `dead_letter_worker_publisher_confirm_timeout` (2 min by default) when the tier
             // expired messages before the broker had recovered `video.progress`; a re-arm into
             // that tier would wait behind them (RELIABILITY.md, broker restart).
-            check.scheduled_at = crate::messages::now();
+            let check = VideoProgressCheckRequested::first(
+                &task.request_id,
+                &task.virtual_key_id,
+                task.check_sequence,
+                task.started_at.unwrap_or(task.created_at),
+                crate::messages::now(),
+            );
             let mut envelope = Envelope::new(
                 self.topology.progress_exchange(),
                 VideoProgressCheckRequested::ROUTING_KEY,

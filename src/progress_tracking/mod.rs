@@ -25,4 +25,4 @@ mod tracker;
 
 pub use outcome::CheckOutcome;
 pub use policy::{next_interval, published_progress, schedule, Schedule};
-pub use tracker::{rearm_check, CrashPoint, ProgressTracker};
+pub use tracker::{CrashPoint, ProgressTracker};

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
+
 use crate::config::TrackingSettings;
+use crate::messages;
 use crate::topology::Topology;
 
 /// When the next check is due and which tier carries it.
@@ -14,6 +17,14 @@ pub struct Schedule {
     pub tier_ms: u64,
     /// When the check is due (`scheduledAt`).
     pub delay_ms: u64,
+}
+
+impl Schedule {
+    /// When a check published now on this schedule is due.
+    pub fn due_at(self) -> DateTime<Utc> {
+        messages::now()
+            + chrono::Duration::milliseconds(i64::try_from(self.delay_ms).unwrap_or(i64::MAX))
+    }
 }
 
 /// The interval policy: short at first, doubling every few checks for long stable tasks up to

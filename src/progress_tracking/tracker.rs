@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Mutex as StdMutex;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{delivery_span, BrokerError, Handler, Incoming, Outcome, Publisher};
@@ -20,7 +20,7 @@ use crate::topology::Topology;
 
 use super::limiter::KeyedLimiter;
 use super::outcome::CheckOutcome;
-use super::policy::{next_interval, published_progress, schedule, Schedule};
+use super::policy::{next_interval, published_progress, schedule};
 
 /// Where a test can make the process die mid-check (`VIDEO_ORCHESTRATOR_CRASH_AT`), to prove the
 /// chain survives a crash at each step. Unset in production: the check is one env read at start.
@@ -119,10 +119,7 @@ impl ProgressTracker {
         let early_ms = (check.scheduled_at - now).num_milliseconds();
         if early_ms > 250 {
             let s = schedule(&self.topology, Duration::from_millis(early_ms as u64), None);
-            let again = VideoProgressCheckRequested {
-                meta: Meta::new(),
-                ..check.clone()
-            };
+            let again = check.resent();
             let envelope = self
                 .topology
                 .delayed_check(s.tier_ms, &again)
@@ -310,7 +307,7 @@ impl ProgressTracker {
             predicted_total,
         );
         let s = schedule(&self.topology, interval, None);
-        let next = self.next_check(check, check.sequence + 1, s);
+        let next = check.next(check.sequence + 1, s.due_at());
         let next_envelope = self
             .topology
             .delayed_check(s.tier_ms, &next)
@@ -385,24 +382,6 @@ impl ProgressTracker {
         }
     }
 
-    fn next_check(
-        &self,
-        check: &VideoProgressCheckRequested,
-        sequence: i64,
-        s: Schedule,
-    ) -> VideoProgressCheckRequested {
-        VideoProgressCheckRequested {
-            meta: Meta::new(),
-            request_id: check.request_id.clone(),
-            virtual_key_id: check.virtual_key_id.clone(),
-            scheduled_at: messages::now()
-                + chrono::Duration::milliseconds(i64::try_from(s.delay_ms).unwrap_or(i64::MAX)),
-            interval_index: check.interval_index + 1,
-            start_time: check.start_time,
-            sequence,
-        }
-    }
-
     /// Schedules the next check after a failed one, advancing the row when we can.
     async fn schedule_next(
         &self,
@@ -415,7 +394,7 @@ impl ProgressTracker {
         let elapsed = (Utc::now() - check.start_time).to_std().unwrap_or_default();
         let interval = next_interval(&self.settings, check.interval_index + 1, elapsed, None);
         let s = schedule(&self.topology, interval, retry_after);
-        let next = self.next_check(check, sequence, s);
+        let next = check.next(sequence, s.due_at());
         let envelope = self
             .topology
             .delayed_check(s.tier_ms, &next)
@@ -461,25 +440,4 @@ impl Handler for ProgressTracker {
         .instrument(span)
         .await
     }
-}
-
-/// Used by the sweeper: a fresh check for a re-armed task.
-pub fn rearm_check(
-    task: &Task,
-    topology: &Topology,
-    settings: &TrackingSettings,
-) -> (u64, VideoProgressCheckRequested) {
-    let tier = topology.tier_at_most(settings.min_interval_ms);
-    let start: DateTime<Utc> = task.started_at.unwrap_or(task.created_at);
-    let check = VideoProgressCheckRequested {
-        meta: Meta::new(),
-        request_id: task.request_id.clone(),
-        virtual_key_id: task.virtual_key_id.clone(),
-        scheduled_at: messages::now()
-            + chrono::Duration::milliseconds(i64::try_from(tier).unwrap_or(i64::MAX)),
-        interval_index: 0,
-        start_time: start,
-        sequence: task.check_sequence,
-    };
-    (tier, check)
 }
