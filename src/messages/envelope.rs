@@ -56,6 +56,36 @@ impl Envelope {
         m
     }
 
+    /// A message recorded with its properties, to publish again as it was to `exchange` with
+    /// `routing_key`; unroutable is an error. `properties` is the JSON object a
+    /// `parked_messages` row keeps (`messageId`, `type`, `correlationId`, `x-virtual-key`,
+    /// `traceparent`); a message recorded without an id gets a fresh one.
+    pub fn from_recorded(
+        exchange: impl Into<String>,
+        routing_key: impl Into<String>,
+        body: Vec<u8>,
+        properties: &serde_json::Value,
+    ) -> Self {
+        let text = |k: &str| {
+            properties
+                .get(k)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        Self {
+            exchange: exchange.into(),
+            routing_key: routing_key.into(),
+            body,
+            message_id: text("messageId").unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            message_type: text("type").unwrap_or_default(),
+            correlation_id: text("correlationId").unwrap_or_default(),
+            virtual_key: text("x-virtual-key").unwrap_or_default(),
+            traceparent: text("traceparent"),
+            extra_headers: Vec::new(),
+            mandatory: true,
+        }
+    }
+
     /// Why the broker could never take this message, if it could not: AMQP short strings
     /// (exchange, routing key, `message_id`, `type`, `correlation_id`, header names) hold 255
     /// bytes, and RabbitMQ 4.x refuses bodies over 16 MiB by default (`max_message_size`).
@@ -114,5 +144,30 @@ mod tests {
         assert_eq!(e.unpublishable(), None);
         e.correlation_id = "c".repeat(256);
         assert!(e.unpublishable().unwrap().contains("correlation_id"));
+    }
+
+    #[test]
+    fn a_recorded_message_is_sent_again_with_its_properties() {
+        let properties = serde_json::json!({
+            "messageId": "m-1",
+            "type": "VideoGenerationRequested",
+            "correlationId": "r-1",
+            "x-virtual-key": "vk-1",
+            "traceparent": null,
+            "redelivered": true,
+        });
+        let e = Envelope::from_recorded("video.events", "k", b"{}".to_vec(), &properties);
+        assert_eq!(
+            (e.message_id.as_str(), e.message_type.as_str()),
+            ("m-1", "VideoGenerationRequested")
+        );
+        assert_eq!(
+            (e.correlation_id.as_str(), e.virtual_key.as_str()),
+            ("r-1", "vk-1")
+        );
+        assert_eq!(e.traceparent, None);
+        assert!(e.mandatory && e.extra_headers.is_empty());
+        let fresh = Envelope::from_recorded("", "q", Vec::new(), &serde_json::json!({}));
+        assert!(uuid::Uuid::parse_str(&fresh.message_id).is_ok());
     }
 }
