@@ -52,7 +52,7 @@ enum Command {
         )]
         roles: Vec<Role>,
     },
-    /// Exchanges and queues.
+    /// Declare the exchanges and queues.
     Topology {
         #[command(subcommand)]
         action: TopologyAction,
@@ -61,7 +61,7 @@ enum Command {
     Schema,
     /// Run the simulated video provider (OpenAI Videos and Replicate protocols).
     SimProvider(SimProviderArgs),
-    /// Configuration.
+    /// Inspect the configuration.
     Config {
         #[command(subcommand)]
         action: ConfigAction,
@@ -75,7 +75,7 @@ enum Command {
         /// The tenant that owns it.
         #[arg(long)]
         virtual_key: String,
-        /// Why.
+        /// Why the task is cancelled; the `VideoGenerationCancelled` event repeats it.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -148,10 +148,10 @@ struct SubmitArgs {
     /// The tenant.
     #[arg(long)]
     virtual_key: String,
-    /// Model name.
+    /// Model name, routed to a provider by `routing.models`.
     #[arg(long)]
     model: String,
-    /// Prompt.
+    /// What to generate.
     #[arg(long)]
     prompt: String,
     /// Clip length in seconds.

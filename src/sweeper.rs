@@ -22,7 +22,7 @@ use crate::messages::{
 use crate::store::{Store, StoreError};
 use crate::topology::Topology;
 
-/// The sweeper.
+/// Re-arms lost check chains and re-drives stuck pending tasks (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Sweeper {
     store: Store,
@@ -32,8 +32,18 @@ pub struct Sweeper {
     generation: GenerationSettings,
 }
 
+/// What one [`Sweeper::sweep_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    /// Overdue tasks that got a fresh check.
+    pub rearmed: usize,
+    /// Stale pending tasks whose request was published again.
+    pub redriven: usize,
+}
+
 impl Sweeper {
-    /// A sweeper.
+    /// A sweeper acting on `store` and publishing through `publisher`; `tracking` and
+    /// `generation` give its grace periods and its interval.
     pub fn new(
         store: Store,
         publisher: Publisher,
@@ -50,11 +60,11 @@ impl Sweeper {
         }
     }
 
-    /// One pass. Returns (re-armed, re-driven).
+    /// One pass: what it re-armed and re-drove.
     ///
     /// # Errors
     /// Database errors.
-    pub async fn sweep_once(&self) -> Result<(usize, usize), StoreError> {
+    pub async fn sweep_once(&self) -> Result<Sweep, StoreError> {
         let grace = Duration::from_millis(self.tracking.sweeper_grace_ms);
         let tier = self.topology.tier_at_most(self.tracking.min_interval_ms);
         let rearmed = self
@@ -123,7 +133,10 @@ impl Sweeper {
                 }
             }
         }
-        Ok((rearmed.len(), redriven))
+        Ok(Sweep {
+            rearmed: rearmed.len(),
+            redriven,
+        })
     }
 
     /// Sweeps every `tracking.sweeper_interval_ms` until `stop`.

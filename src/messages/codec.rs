@@ -25,9 +25,9 @@ pub enum DecodeError {
     /// A field has the right type but an impossible value.
     #[error("field `{field}`: {reason}")]
     Invalid {
-        /// The field.
+        /// Name of the field, as the body spells it.
         field: &'static str,
-        /// Why.
+        /// What is impossible about the value.
         reason: String,
     },
     /// A value PostgreSQL or AMQP cannot hold (a NUL character, an id over
@@ -36,7 +36,7 @@ pub enum DecodeError {
     Unstorable {
         /// Path of the field.
         field: String,
-        /// Why.
+        /// What PostgreSQL or AMQP cannot hold in it.
         reason: String,
     },
 }

@@ -67,7 +67,7 @@ pub trait Message: Serialize + DeserializeOwned + JsonSchema + Send + Sync + 'st
     fn meta(&self) -> &Meta;
     /// The task this message is about.
     fn request_id(&self) -> &str;
-    /// The tenant.
+    /// The tenant (virtual key) the task belongs to.
     fn virtual_key_id(&self) -> &str;
 }
 

@@ -68,7 +68,8 @@ pub struct ProgressTracker {
 }
 
 impl ProgressTracker {
-    /// A tracker publishing through `publisher`.
+    /// A tracker that reads task rows from `store`, asks `providers` for status and publishes
+    /// checks and progress through `publisher`.
     pub fn new(
         store: Store,
         providers: Providers,
