@@ -24,5 +24,5 @@ mod policy;
 mod tracker;
 
 pub use outcome::CheckOutcome;
-pub use policy::{next_interval, published_progress, schedule, Schedule};
+pub use policy::{next_interval, published_progress, schedule, PublishedProgress, Schedule};
 pub use tracker::{CrashPoint, ProgressTracker};

@@ -86,6 +86,15 @@ pub fn schedule(topology: &Topology, wanted: Duration, at_least: Option<Duration
     }
 }
 
+/// What a check publishes as the task's progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishedProgress {
+    /// 0–99: 100 is only ever the provider's word that the video is done.
+    pub percent: u8,
+    /// How long the whole task is expected to take, from its start.
+    pub predicted_total: Option<Duration>,
+}
+
 /// Progress we publish: the provider's number when it has one, else an estimate from elapsed
 /// time against the model's median duration; never backwards, never 100 before the provider
 /// says done.
@@ -94,7 +103,7 @@ pub fn published_progress(
     provider_progress: Option<u8>,
     elapsed: Duration,
     median: Option<Duration>,
-) -> (u8, Option<Duration>) {
+) -> PublishedProgress {
     let (raw, total) = match (provider_progress, median) {
         (Some(p), _) => {
             let total = if p > 0 {
@@ -111,7 +120,10 @@ pub fn published_progress(
         (None, _) => (0, None),
     };
     let previous = u8::try_from(previous.clamp(0, 100)).unwrap_or(0);
-    (raw.min(99).max(previous.min(99)), total)
+    PublishedProgress {
+        percent: raw.min(99).max(previous.min(99)),
+        predicted_total: total,
+    }
 }
 
 #[cfg(test)]
@@ -193,21 +205,21 @@ mod tests {
     #[test]
     fn published_progress_is_monotonic_and_never_complete() {
         assert_eq!(
-            published_progress(40, Some(30), Duration::from_secs(3), None).0,
+            published_progress(40, Some(30), Duration::from_secs(3), None).percent,
             40
         );
         assert_eq!(
-            published_progress(40, Some(100), Duration::from_secs(3), None).0,
+            published_progress(40, Some(100), Duration::from_secs(3), None).percent,
             99
         );
-        let (p, total) = published_progress(
+        let p = published_progress(
             0,
             None,
             Duration::from_secs(5),
             Some(Duration::from_secs(10)),
         );
-        assert_eq!(p, 50);
-        assert_eq!(total, Some(Duration::from_secs(10)));
+        assert_eq!(p.percent, 50);
+        assert_eq!(p.predicted_total, Some(Duration::from_secs(10)));
         assert_eq!(
             published_progress(
                 0,
@@ -215,11 +227,11 @@ mod tests {
                 Duration::from_secs(50),
                 Some(Duration::from_secs(10))
             )
-            .0,
+            .percent,
             95
         );
         assert_eq!(
-            published_progress(0, None, Duration::from_secs(5), None).0,
+            published_progress(0, None, Duration::from_secs(5), None).percent,
             0
         );
     }

@@ -20,7 +20,7 @@ use crate::topology::Topology;
 
 use super::limiter::KeyedLimiter;
 use super::outcome::CheckOutcome;
-use super::policy::{next_interval, published_progress, schedule};
+use super::policy::{next_interval, published_progress, schedule, PublishedProgress};
 
 /// Where a test can make the process die mid-check (`VIDEO_ORCHESTRATOR_CRASH_AT`), to prove the
 /// chain survives a crash at each step. Unset in production: the check is one env read at start.
@@ -280,8 +280,10 @@ impl ProgressTracker {
         } else {
             None
         };
-        let (progress, predicted_total) =
-            published_progress(task.progress, status.progress, elapsed, median);
+        let PublishedProgress {
+            percent: progress,
+            predicted_total,
+        } = published_progress(task.progress, status.progress, elapsed, median);
         let progress_status = match status.state {
             ProviderState::Queued => ProgressStatus::Queued,
             _ => ProgressStatus::InProgress,
