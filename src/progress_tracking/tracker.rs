@@ -119,16 +119,8 @@ impl ProgressTracker {
         // A delay longer than the longest tier goes round again until it is due.
         let early_ms = (check.scheduled_at - now).num_milliseconds();
         if early_ms > 250 {
-            let s = schedule(&self.topology, Duration::from_millis(early_ms as u64), None);
-            let again = check.resent();
-            let envelope = self
-                .topology
-                .delayed_check(s.tier_ms, &again)
-                .with_traceparent(traceparent);
-            if let Err(e) = self.publisher.publish(&envelope).await {
-                warn!(error = %e, "could not send an early check round again; the sweeper will re-arm");
-            }
-            return CheckOutcome::Recirculated;
+            let early = Duration::from_millis(early_ms as u64);
+            return self.recirculate(check, early, traceparent).await;
         }
         let lag = (now - check.scheduled_at).num_milliseconds() as f64 / 1000.0;
         metrics::histogram!("video_progress_scheduling_lag_seconds").record(lag.max(0.0));
@@ -213,6 +205,25 @@ impl ProgressTracker {
         }
         self.progress(check, &task, &status, elapsed, &traceparent)
             .await
+    }
+
+    /// Sends a check that arrived `early` round again, into the tier that brings it back closest
+    /// to its due time without being late.
+    async fn recirculate(
+        &self,
+        check: &VideoProgressCheckRequested,
+        early: Duration,
+        traceparent: Option<String>,
+    ) -> CheckOutcome {
+        let s = schedule(&self.topology, early, None);
+        let envelope = self
+            .topology
+            .delayed_check(s.tier_ms, &check.resent())
+            .with_traceparent(traceparent);
+        if let Err(e) = self.publisher.publish(&envelope).await {
+            warn!(error = %e, "could not send an early check round again; the sweeper will re-arm");
+        }
+        CheckOutcome::Recirculated
     }
 
     fn finished_message(
