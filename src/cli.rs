@@ -1,14 +1,21 @@
-//! Command-line interface: `serve`, `topology declare`, `schema`, `sim-provider`, `config check`,
-//! `status`. Each command returns an exit code; `main` only maps errors to text.
+//! Command-line interface: `serve`, `topology declare`, `schema`, `config check`, `submit`,
+//! `cancel`, `status`, `parked`, `sim-provider`, `demo` and `bench`, one function each. Each
+//! command returns an exit code; `main` only maps errors to text.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 use crate::app::{describe_targets, shutdown_signal, Application, Role, StartError};
-use crate::config::Settings;
+use crate::broker::{Broker, BrokerOptions, Publisher};
+use crate::config::{LogFormat, Settings};
+use crate::messages::Envelope;
+use crate::store::{Store, TaskView};
+use crate::topology::Topology;
 
 /// Runs long video-generation jobs at external providers and tracks their progress through
 /// RabbitMQ.
@@ -34,27 +41,7 @@ enum Command {
     /// Benchmark against the local RabbitMQ and PostgreSQL: the raw broker's hop rate, the
     /// service's check rate, scheduling lag and memory (service and simulator as child
     /// processes, a fresh prefix and database). See BENCHMARKS.md.
-    Bench {
-        /// Print one JSON object instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Measured window of each phase, in seconds (default 30, quick 8).
-        #[arg(long)]
-        duration_secs: Option<u64>,
-        /// Warm-up before each window, in seconds (default 10, quick 4).
-        #[arg(long)]
-        warmup_secs: Option<u64>,
-        /// Tracked-task counts of the memory phases (default 1000,10000,100000; quick
-        /// 1000,10000).
-        #[arg(long, value_delimiter = ',')]
-        tasks_list: Option<Vec<usize>>,
-        /// A short run for development: figures are indicative only.
-        #[arg(long)]
-        quick: bool,
-        /// Virtual keys (tenants) the tasks are spread over.
-        #[arg(long, default_value_t = 64)]
-        tenants: usize,
-    },
+    Bench(BenchArgs),
     /// Run the service (every role unless --roles says otherwise).
     Serve {
         /// Comma list of generation, tracking, sweeper, relay.
@@ -65,7 +52,7 @@ enum Command {
         )]
         roles: Vec<Role>,
     },
-    /// Exchanges and queues.
+    /// Declare the exchanges and queues.
     Topology {
         #[command(subcommand)]
         action: TopologyAction,
@@ -73,52 +60,14 @@ enum Command {
     /// Print the JSON Schema of every message, keyed by message name.
     Schema,
     /// Run the simulated video provider (OpenAI Videos and Replicate protocols).
-    SimProvider {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8090")]
-        listen: SocketAddr,
-        /// Duration of a job in milliseconds.
-        #[arg(long, default_value_t = 3000)]
-        duration_ms: u64,
-        /// Random extra duration per job, 0..=N milliseconds.
-        #[arg(long, default_value_t = 0)]
-        duration_jitter_ms: u64,
-        /// Share of jobs that fail (0.0–1.0).
-        #[arg(long, default_value_t = 0.0)]
-        failure_rate: f64,
-        /// Added latency per request in milliseconds.
-        #[arg(long, default_value_t = 0)]
-        latency_ms: u64,
-    },
-    /// Configuration.
+    SimProvider(SimProviderArgs),
+    /// Inspect the configuration.
     Config {
         #[command(subcommand)]
         action: ConfigAction,
     },
     /// Publish a generation request and print its requestId.
-    Submit {
-        /// The tenant.
-        #[arg(long)]
-        virtual_key: String,
-        /// Model name.
-        #[arg(long)]
-        model: String,
-        /// Prompt.
-        #[arg(long)]
-        prompt: String,
-        /// Clip length in seconds.
-        #[arg(long)]
-        duration_seconds: Option<u32>,
-        /// Size, e.g. 1280x720.
-        #[arg(long)]
-        size: Option<String>,
-        /// Request id (default: a fresh one).
-        #[arg(long)]
-        request_id: Option<String>,
-        /// Follow the task with a progress bar; exit 0 completed, 3 failed or timed out, 4 cancelled.
-        #[arg(long)]
-        wait: bool,
-    },
+    Submit(SubmitArgs),
     /// Ask to cancel a task.
     Cancel {
         /// The task's requestId.
@@ -126,7 +75,7 @@ enum Command {
         /// The tenant that owns it.
         #[arg(long)]
         virtual_key: String,
-        /// Why.
+        /// Why the task is cancelled; the `VideoGenerationCancelled` event repeats it.
         #[arg(long)]
         reason: Option<String>,
     },
@@ -152,6 +101,73 @@ enum Command {
     },
 }
 
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Measured window of each phase, in seconds (default 30, quick 8).
+    #[arg(long)]
+    duration_secs: Option<u64>,
+    /// Warm-up before each window, in seconds (default 10, quick 4).
+    #[arg(long)]
+    warmup_secs: Option<u64>,
+    /// Tracked-task counts of the memory phases (default 1000,10000,100000; quick
+    /// 1000,10000).
+    #[arg(long, value_delimiter = ',')]
+    tasks_list: Option<Vec<usize>>,
+    /// A short run for development: figures are indicative only.
+    #[arg(long)]
+    quick: bool,
+    /// Virtual keys (tenants) the tasks are spread over.
+    #[arg(long, default_value_t = 64)]
+    tenants: usize,
+}
+
+#[derive(Debug, Args)]
+struct SimProviderArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    listen: SocketAddr,
+    /// Duration of a job in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    duration_ms: u64,
+    /// Random extra duration per job, 0..=N milliseconds.
+    #[arg(long, default_value_t = 0)]
+    duration_jitter_ms: u64,
+    /// Share of jobs that fail (0.0–1.0).
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Added latency per request in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// The tenant.
+    #[arg(long)]
+    virtual_key: String,
+    /// Model name, routed to a provider by `routing.models`.
+    #[arg(long)]
+    model: String,
+    /// What to generate.
+    #[arg(long)]
+    prompt: String,
+    /// Clip length in seconds.
+    #[arg(long)]
+    duration_seconds: Option<u32>,
+    /// Size, e.g. 1280x720.
+    #[arg(long)]
+    size: Option<String>,
+    /// Request id (default: a fresh one).
+    #[arg(long)]
+    request_id: Option<String>,
+    /// Follow the task with a progress bar; exit 0 completed, 3 failed or timed out, 4 cancelled.
+    #[arg(long)]
+    wait: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum TopologyAction {
     /// Declare every exchange and queue (idempotent).
@@ -162,6 +178,304 @@ enum TopologyAction {
 enum ConfigAction {
     /// Print the effective configuration as TOML with secrets redacted; fail on invalid values.
     Check,
+}
+
+/// Runs the parsed command.
+///
+/// # Errors
+/// Anything that stops the command; `main` prints the cause chain.
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Schema => schema(),
+        Command::Config {
+            action: ConfigAction::Check,
+        } => config_check(),
+        Command::SimProvider(args) => sim_provider(args).await,
+        Command::Topology {
+            action: TopologyAction::Declare,
+        } => topology_declare().await,
+        Command::Status { request_id, json } => status(&request_id, json).await,
+        Command::Submit(args) => submit(args).await,
+        Command::Cancel {
+            request_id,
+            virtual_key,
+            reason,
+        } => cancel(&request_id, &virtual_key, reason).await,
+        Command::Bench(args) => bench(args).await,
+        Command::Demo { tasks, keep } => demo(tasks, keep).await,
+        Command::Parked {
+            requeue: Some(id), ..
+        } => parked_requeue(id).await,
+        Command::Parked {
+            requeue: None,
+            limit,
+            json,
+        } => parked_list(limit, json).await,
+        Command::Serve { roles } => serve(&roles).await,
+    }
+}
+
+fn schema() -> anyhow::Result<ExitCode> {
+    let all: serde_json::Map<String, serde_json::Value> = crate::messages::schemas()
+        .into_iter()
+        .map(|(name, key, mut schema)| {
+            if let Some(obj) = schema.as_object_mut() {
+                obj.insert("x-routing-key".to_owned(), key.into());
+            }
+            (name.to_owned(), schema)
+        })
+        .collect();
+    println!("{}", serde_json::to_string_pretty(&all)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn config_check() -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    let toml = settings
+        .redacted()
+        .context("writing the configuration as TOML")?;
+    // Comments only around the TOML, so stdout stays a loadable config file.
+    println!("# Effective configuration, secrets redacted: put back the `***` passwords");
+    println!("# and `[REDACTED]` values before loading this as a config file.\n");
+    print!("{toml}");
+    println!(
+        "\n# configuration OK (environment `{}`)",
+        settings.environment
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn sim_provider(args: SimProviderArgs) -> anyhow::Result<ExitCode> {
+    // The simulator runs without a valid configuration; it only borrows the log format.
+    let settings = Settings::load().ok();
+    crate::telemetry::init(
+        settings.as_ref().map_or(LogFormat::Json, |s| s.log.format),
+        "info",
+    );
+    let sim = crate::providers::sim::SimSettings {
+        duration_ms: args.duration_ms,
+        duration_jitter_ms: args.duration_jitter_ms,
+        failure_rate: args.failure_rate,
+        latency_ms: args.latency_ms,
+        ..crate::providers::sim::SimSettings::default()
+    };
+    crate::providers::sim::run(args.listen, sim, shutdown_signal())
+        .await
+        .with_context(|| format!("simulated provider on {}", args.listen))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn topology_declare() -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    crate::telemetry::init(settings.log.format, crate::telemetry::DEFAULT_FILTER);
+    let topology = Topology::from_settings(&settings);
+    // Connecting declares the whole topology.
+    let broker = Broker::connect(BrokerOptions::from_settings(&settings), topology.clone())
+        .await
+        .context("declaring the topology")?;
+    drop(broker);
+    for name in topology
+        .all_exchanges()
+        .iter()
+        .chain(topology.all_queues().iter())
+    {
+        println!("{name}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(request_id: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    let store = connect_store(&settings).await?;
+    let Some(task) = store.get(request_id).await? else {
+        eprintln!("no task with requestId `{request_id}`");
+        return Ok(ExitCode::from(1));
+    };
+    let view = TaskView::from(&task);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        println!("request      {}", view.request_id);
+        println!("virtual key  {}", view.virtual_key_id);
+        println!("status       {}", view.status.as_str());
+        println!("progress     {}%", view.progress);
+        println!("model        {} via {}", view.model, view.provider);
+        if let Some(url) = &view.video_url {
+            println!("video        {url}");
+        }
+        if let Some(e) = &view.error {
+            println!("error        {e}");
+        }
+        println!("checks       {}", view.checks);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    let stop = CancellationToken::new();
+    let broker = connect_broker(&settings).await?;
+    let mut request = crate::client::new_request(&args.virtual_key, &args.model, &args.prompt);
+    request.duration_seconds = args.duration_seconds;
+    request.size = args.size;
+    if let Some(id) = args.request_id {
+        request.request_id = id;
+    }
+    // Subscribed before publishing, so no event of the task is missed.
+    let mut events = if args.wait {
+        let conn = broker.connection(&stop).await?;
+        Some(
+            crate::client::EventStream::subscribe(
+                &conn,
+                broker.topology(),
+                &["video.generation.#"],
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let client = crate::client::Client::new(broker, stop.clone());
+    let id = client
+        .submit(&request)
+        .await
+        .context("publishing the request")?;
+    println!("{id}");
+    let Some(events) = events.as_mut() else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let code = follow(events, &id).await;
+    stop.cancel();
+    Ok(code)
+}
+
+async fn cancel(
+    request_id: &str,
+    virtual_key: &str,
+    reason: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    let stop = CancellationToken::new();
+    let broker = connect_broker(&settings).await?;
+    let client = crate::client::Client::new(broker, stop.clone());
+    client
+        .cancel(request_id, virtual_key, reason)
+        .await
+        .context("publishing the cancel")?;
+    println!("cancel requested for {request_id}");
+    stop.cancel();
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    crate::telemetry::init(LogFormat::Pretty, "warn,lapin=off");
+    let mut options = crate::bench::BenchOptions::defaults(args.quick);
+    if let Some(d) = args.duration_secs {
+        options.duration = std::time::Duration::from_secs(d.max(1));
+    }
+    if let Some(w) = args.warmup_secs {
+        options.warmup = std::time::Duration::from_secs(w);
+    }
+    if let Some(list) = args.tasks_list {
+        options.tasks_list = list;
+    }
+    options.tenants = args.tenants.max(1);
+    let report = crate::bench::run(settings, options).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", crate::bench::render_human(&report));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn demo(tasks: usize, keep: bool) -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    // Logs would tear the progress bars: errors only, unless RUST_LOG says otherwise.
+    crate::telemetry::init(LogFormat::Pretty, "error,lapin=off");
+    crate::demo::run(settings, crate::demo::DemoOptions { tasks, keep }).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn parked_requeue(id: i64) -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    let store = connect_store(&settings).await?;
+    let Some(parked) = store.get_parked(id).await? else {
+        eprintln!("no parked message with id {id}");
+        return Ok(ExitCode::from(1));
+    };
+    let broker = connect_broker(&settings).await?;
+    let stop = CancellationToken::new();
+    let publisher = Publisher::new(broker, stop.clone());
+    let envelope = Envelope::from_recorded(
+        parked.original_exchange.clone(),
+        parked.routing_key.clone(),
+        parked.body.clone(),
+        &parked.headers,
+    );
+    publisher
+        .publish(&envelope)
+        .await
+        .context("republishing the parked message")?;
+    store.mark_requeued(id).await?;
+    stop.cancel();
+    println!(
+        "requeued parked message {id} to `{}` / `{}`",
+        if parked.original_exchange.is_empty() {
+            "(default exchange)"
+        } else {
+            &parked.original_exchange
+        },
+        parked.routing_key
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn parked_list(limit: i64, json: bool) -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    let store = connect_store(&settings).await?;
+    let list = store.list_parked(limit).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else if list.is_empty() {
+        println!("no parked messages");
+    } else {
+        println!(
+            "{:>6}  {:<20}  {:<28}  {:<9}  reason",
+            "id", "parked at", "from queue", "requeued"
+        );
+        for p in &list {
+            println!(
+                "{:>6}  {:<20}  {:<28}  {:<9}  {}",
+                p.id,
+                p.parked_at.format("%Y-%m-%d %H:%M:%S"),
+                p.original_queue,
+                if p.requeued_at.is_some() { "yes" } else { "no" },
+                p.reason
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(roles: &[Role]) -> anyhow::Result<ExitCode> {
+    let settings = load_settings()?;
+    crate::telemetry::init(settings.log.format, crate::telemetry::DEFAULT_FILTER);
+    let app = match Application::build(settings.clone(), roles).await {
+        Ok(app) => app,
+        Err(e) => {
+            let hint = start_hint(&e, &settings);
+            return Err(anyhow::Error::new(e).context(if hint.is_empty() {
+                "cannot start".to_owned()
+            } else {
+                hint
+            }));
+        }
+    };
+    tracing::info!(http = %app.http_addr(), "listening");
+    app.run(shutdown_signal()).await;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_settings() -> anyhow::Result<Settings> {
@@ -183,320 +497,9 @@ fn start_hint(e: &StartError, settings: &Settings) -> String {
     }
 }
 
-/// Runs the parsed command.
-///
-/// # Errors
-/// Anything that stops the command; `main` prints the cause chain.
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Schema => {
-            let all: serde_json::Map<String, serde_json::Value> = crate::messages::schemas()
-                .into_iter()
-                .map(|(name, key, mut schema)| {
-                    if let Some(obj) = schema.as_object_mut() {
-                        obj.insert("x-routing-key".to_owned(), key.into());
-                    }
-                    (name.to_owned(), schema)
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&all)?);
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Config {
-            action: ConfigAction::Check,
-        } => {
-            let settings = load_settings()?;
-            let toml = settings
-                .redacted()
-                .context("writing the configuration as TOML")?;
-            // Comments only around the TOML, so stdout stays a loadable config file.
-            println!("# Effective configuration, secrets redacted: put back the `***` passwords");
-            println!("# and `[REDACTED]` values before loading this as a config file.\n");
-            print!("{toml}");
-            println!(
-                "\n# configuration OK (environment `{}`)",
-                settings.environment
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::SimProvider {
-            listen,
-            duration_ms,
-            duration_jitter_ms,
-            failure_rate,
-            latency_ms,
-        } => {
-            let settings = Settings::load().ok();
-            crate::telemetry::init(
-                settings
-                    .as_ref()
-                    .map_or(crate::config::LogFormat::Json, |s| s.log.format),
-                "info",
-            );
-            let sim = crate::providers::sim::SimSettings {
-                duration_ms,
-                duration_jitter_ms,
-                failure_rate,
-                latency_ms,
-                ..crate::providers::sim::SimSettings::default()
-            };
-            crate::providers::sim::run(listen, sim, shutdown_signal())
-                .await
-                .with_context(|| format!("simulated provider on {listen}"))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Topology {
-            action: TopologyAction::Declare,
-        } => {
-            let settings = load_settings()?;
-            crate::telemetry::init(settings.log.format, crate::telemetry::DEFAULT_FILTER);
-            let topology = crate::topology::Topology::from_settings(&settings);
-            let broker = crate::broker::Broker::connect(
-                crate::broker::BrokerOptions::from_settings(&settings),
-                topology.clone(),
-            )
-            .await
-            .context("declaring the topology")?;
-            drop(broker);
-            for name in topology
-                .all_exchanges()
-                .iter()
-                .chain(topology.all_queues().iter())
-            {
-                println!("{name}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Status { request_id, json } => {
-            let settings = load_settings()?;
-            let store = crate::store::Store::connect(&settings.database)
-                .await
-                .with_context(|| format!("PostgreSQL at {}", describe_targets(&settings).1))?;
-            let Some(task) = store.get(&request_id).await? else {
-                eprintln!("no task with requestId `{request_id}`");
-                return Ok(ExitCode::from(1));
-            };
-            let view = crate::store::TaskView::from(&task);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
-            } else {
-                println!("request      {}", view.request_id);
-                println!("virtual key  {}", view.virtual_key_id);
-                println!("status       {}", view.status.as_str());
-                println!("progress     {}%", view.progress);
-                println!("model        {} via {}", view.model, view.provider);
-                if let Some(url) = &view.video_url {
-                    println!("video        {url}");
-                }
-                if let Some(e) = &view.error {
-                    println!("error        {e}");
-                }
-                println!("checks       {}", view.checks);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Submit {
-            virtual_key,
-            model,
-            prompt,
-            duration_seconds,
-            size,
-            request_id,
-            wait,
-        } => {
-            let settings = load_settings()?;
-            let stop = tokio_util::sync::CancellationToken::new();
-            let broker = connect_broker(&settings).await?;
-            let mut request = crate::client::new_request(&virtual_key, &model, &prompt);
-            request.duration_seconds = duration_seconds;
-            request.size = size;
-            if let Some(id) = request_id {
-                request.request_id = id;
-            }
-            let mut events = if wait {
-                let conn = broker.connection(&stop).await?;
-                Some(
-                    crate::client::EventStream::subscribe(
-                        &conn,
-                        broker.topology(),
-                        &["video.generation.#"],
-                    )
-                    .await?,
-                )
-            } else {
-                None
-            };
-            let client = crate::client::Client::new(broker, stop.clone());
-            let id = client
-                .submit(&request)
-                .await
-                .context("publishing the request")?;
-            println!("{id}");
-            let Some(events) = events.as_mut() else {
-                return Ok(ExitCode::SUCCESS);
-            };
-            let code = follow(events, &id).await;
-            stop.cancel();
-            Ok(code)
-        }
-        Command::Cancel {
-            request_id,
-            virtual_key,
-            reason,
-        } => {
-            let settings = load_settings()?;
-            let stop = tokio_util::sync::CancellationToken::new();
-            let broker = connect_broker(&settings).await?;
-            let client = crate::client::Client::new(broker, stop.clone());
-            client
-                .cancel(&request_id, &virtual_key, reason)
-                .await
-                .context("publishing the cancel")?;
-            println!("cancel requested for {request_id}");
-            stop.cancel();
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench {
-            json,
-            duration_secs,
-            warmup_secs,
-            tasks_list,
-            quick,
-            tenants,
-        } => {
-            let settings = load_settings()?;
-            crate::telemetry::init(crate::config::LogFormat::Pretty, "warn,lapin=off");
-            let mut options = crate::bench::BenchOptions::defaults(quick);
-            if let Some(d) = duration_secs {
-                options.duration = std::time::Duration::from_secs(d.max(1));
-            }
-            if let Some(w) = warmup_secs {
-                options.warmup = std::time::Duration::from_secs(w);
-            }
-            if let Some(list) = tasks_list {
-                options.tasks_list = list;
-            }
-            options.tenants = tenants.max(1);
-            let report = crate::bench::run(settings, options).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", crate::bench::render_human(&report));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Demo { tasks, keep } => {
-            let settings = load_settings()?;
-            // Logs would tear the progress bars: errors only, unless RUST_LOG says otherwise.
-            crate::telemetry::init(crate::config::LogFormat::Pretty, "error,lapin=off");
-            crate::demo::run(settings, crate::demo::DemoOptions { tasks, keep }).await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Parked {
-            requeue,
-            limit,
-            json,
-        } => {
-            let settings = load_settings()?;
-            let store = crate::store::Store::connect(&settings.database)
-                .await
-                .with_context(|| format!("PostgreSQL at {}", describe_targets(&settings).1))?;
-            if let Some(id) = requeue {
-                let Some(parked) = store.get_parked(id).await? else {
-                    eprintln!("no parked message with id {id}");
-                    return Ok(ExitCode::from(1));
-                };
-                let broker = connect_broker(&settings).await?;
-                let stop = tokio_util::sync::CancellationToken::new();
-                let publisher = crate::broker::Publisher::new(broker, stop.clone());
-                let h = &parked.headers;
-                let text = |k: &str| h.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-                let envelope = crate::messages::Envelope {
-                    exchange: parked.original_exchange.clone(),
-                    routing_key: parked.routing_key.clone(),
-                    body: parked.body.clone(),
-                    message_id: text("messageId")
-                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-                    message_type: text("type").unwrap_or_default(),
-                    correlation_id: text("correlationId").unwrap_or_default(),
-                    virtual_key: text("x-virtual-key").unwrap_or_default(),
-                    traceparent: text("traceparent"),
-                    extra_headers: Vec::new(),
-                    mandatory: true,
-                };
-                publisher
-                    .publish(&envelope)
-                    .await
-                    .context("republishing the parked message")?;
-                store.mark_requeued(id).await?;
-                stop.cancel();
-                println!(
-                    "requeued parked message {id} to `{}` / `{}`",
-                    if parked.original_exchange.is_empty() {
-                        "(default exchange)"
-                    } else {
-                        &parked.original_exchange
-                    },
-                    parked.routing_key
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            let list = store.list_parked(limit).await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
-            } else if list.is_empty() {
-                println!("no parked messages");
-            } else {
-                println!(
-                    "{:>6}  {:<20}  {:<28}  {:<9}  reason",
-                    "id", "parked at", "from queue", "requeued"
-                );
-                for p in &list {
-                    println!(
-                        "{:>6}  {:<20}  {:<28}  {:<9}  {}",
-                        p.id,
-                        p.parked_at.format("%Y-%m-%d %H:%M:%S"),
-                        p.original_queue,
-                        if p.requeued_at.is_some() { "yes" } else { "no" },
-                        p.reason
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Serve { roles } => {
-            let settings = load_settings()?;
-            crate::telemetry::init(settings.log.format, crate::telemetry::DEFAULT_FILTER);
-            let app = match Application::build(settings.clone(), &roles).await {
-                Ok(app) => app,
-                Err(e) => {
-                    let hint = start_hint(&e, &settings);
-                    return Err(anyhow::Error::new(e).context(if hint.is_empty() {
-                        "cannot start".to_owned()
-                    } else {
-                        hint
-                    }));
-                }
-            };
-            tracing::info!(http = %app.http_addr(), "listening");
-            app.run(shutdown_signal()).await;
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-impl clap::builder::ValueParserFactory for Role {
-    type Parser = clap::builder::ValueParser;
-    fn value_parser() -> Self::Parser {
-        clap::builder::ValueParser::new(|s: &str| s.parse::<Role>())
-    }
-}
-
-async fn connect_broker(
-    settings: &Settings,
-) -> anyhow::Result<std::sync::Arc<crate::broker::Broker>> {
-    let topology = crate::topology::Topology::from_settings(settings);
-    crate::broker::Broker::connect(crate::broker::BrokerOptions::from_settings(settings), topology)
+async fn connect_broker(settings: &Settings) -> anyhow::Result<Arc<Broker>> {
+    let topology = Topology::from_settings(settings);
+    Broker::connect(BrokerOptions::from_settings(settings), topology)
         .await
         .with_context(|| {
             format!(
@@ -504,6 +507,19 @@ async fn connect_broker(
                 describe_targets(settings).0
             )
         })
+}
+
+async fn connect_store(settings: &Settings) -> anyhow::Result<Store> {
+    Store::connect(&settings.database)
+        .await
+        .with_context(|| format!("PostgreSQL at {}", describe_targets(settings).1))
+}
+
+impl clap::builder::ValueParserFactory for Role {
+    type Parser = clap::builder::ValueParser;
+    fn value_parser() -> Self::Parser {
+        clap::builder::ValueParser::new(|s: &str| s.parse::<Role>())
+    }
 }
 
 /// Follows one task's events with a progress bar; returns the exit code for its outcome.

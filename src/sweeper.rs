@@ -19,11 +19,10 @@ use crate::config::{GenerationSettings, TrackingSettings};
 use crate::messages::{
     Envelope, Message, Meta, VideoGenerationRequested, VideoProgressCheckRequested,
 };
-use crate::progress_tracking::rearm_check;
 use crate::store::{Store, StoreError};
 use crate::topology::Topology;
 
-/// The sweeper.
+/// Re-arms lost check chains and re-drives stuck pending tasks (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Sweeper {
     store: Store,
@@ -33,8 +32,18 @@ pub struct Sweeper {
     generation: GenerationSettings,
 }
 
+/// What one [`Sweeper::sweep_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    /// Overdue tasks that got a fresh check.
+    pub rearmed: usize,
+    /// Stale pending tasks whose request was published again.
+    pub redriven: usize,
+}
+
 impl Sweeper {
-    /// A sweeper.
+    /// A sweeper acting on `store` and publishing through `publisher`; `tracking` and
+    /// `generation` give its grace periods and its interval.
     pub fn new(
         store: Store,
         publisher: Publisher,
@@ -51,11 +60,11 @@ impl Sweeper {
         }
     }
 
-    /// One pass. Returns (re-armed, re-driven).
+    /// One pass: what it re-armed and re-drove.
     ///
     /// # Errors
     /// Database errors.
-    pub async fn sweep_once(&self) -> Result<(usize, usize), StoreError> {
+    pub async fn sweep_once(&self) -> Result<Sweep, StoreError> {
         let grace = Duration::from_millis(self.tracking.sweeper_grace_ms);
         let tier = self.topology.tier_at_most(self.tracking.min_interval_ms);
         let rearmed = self
@@ -63,14 +72,19 @@ impl Sweeper {
             .rearm_overdue(grace, Duration::from_millis(tier), 500)
             .await?;
         for task in &rearmed {
-            let (_, mut check) = rearm_check(task, &self.topology, &self.tracking);
-            // Straight into the partitions, not through a delay tier: the task is overdue
+            // Due now and straight into the partitions, not through a delay tier: the task is overdue
             // already, and the tier may be what holds its check. After a broker restart,
             // RabbitMQ 3.10 can hold a tier's dead-lettering for
             // `dead_letter_worker_publisher_confirm_timeout` (2 min by default) when the tier
             // expired messages before the broker had recovered `video.progress`; a re-arm into
             // that tier would wait behind them (RELIABILITY.md, broker restart).
-            check.scheduled_at = crate::messages::now();
+            let check = VideoProgressCheckRequested::first(
+                &task.request_id,
+                &task.virtual_key_id,
+                task.check_sequence,
+                task.started_at.unwrap_or(task.created_at),
+                crate::messages::now(),
+            );
             let mut envelope = Envelope::new(
                 self.topology.progress_exchange(),
                 VideoProgressCheckRequested::ROUTING_KEY,
@@ -119,7 +133,10 @@ impl Sweeper {
                 }
             }
         }
-        Ok((rearmed.len(), redriven))
+        Ok(Sweep {
+            rearmed: rearmed.len(),
+            redriven,
+        })
     }
 
     /// Sweeps every `tracking.sweeper_interval_ms` until `stop`.

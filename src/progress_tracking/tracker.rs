@@ -1,25 +1,11 @@
-//! The progress-tracking orchestrator: one self-scheduling chain of checks per task.
-//!
-//! A check (`VideoProgressCheckRequested`) arrives from a partition queue, is checked against the
-//! task row, asks the provider for status, publishes progress, and schedules the next check into
-//! a delay tier. The order of the steps is the chain's guarantee:
-//!
-//! 1. publish the next check (or `VideoProviderTaskFinished`) and the progress event, confirmed;
-//! 2. advance the row's `check_sequence` past this check's sequence (one conditional UPDATE);
-//! 3. acknowledge.
-//!
-//! A crash before 1 redelivers the check, which runs again (it never ran). A crash between 1 and
-//! 3 leaves a duplicate next check beside the redelivered one: whichever runs first advances the
-//! row and the other is stale on arrival. So the chain never dies and never forks for longer than
-//! one hop. A check runs only when its `sequence` is not below the row's `check_sequence`, and
-//! running it moves the row past it, so every older or duplicate check is dropped.
+//! The progress tracker: runs one check against the task row and the provider, then schedules
+//! the next one (the order of the steps is the module's guarantee, see [`super`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::Mutex as StdMutex;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use chrono::Utc;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{delivery_span, BrokerError, Handler, Incoming, Outcome, Publisher};
@@ -32,23 +18,9 @@ use crate::providers::{ProviderState, ProviderStatus, ProviderTask, Providers};
 use crate::store::{CheckAdvance, Store, Task, TaskStatus};
 use crate::topology::Topology;
 
-/// Values of the `outcome` label of `video_progress_checks_total`.
-pub mod outcome {
-    /// Published new progress and scheduled the next check.
-    pub const PROGRESSED: &str = "progressed";
-    /// Nothing changed; scheduled the next check.
-    pub const UNCHANGED: &str = "unchanged";
-    /// The provider finished (or the task timed out); the chain ends.
-    pub const FINISHED: &str = "finished";
-    /// No such task.
-    pub const ORPHANED: &str = "orphaned";
-    /// Sequence below the row's: duplicate, redelivered after the chain moved on, or forked.
-    pub const STALE: &str = "stale";
-    /// The task is no longer processing or tracking was cancelled.
-    pub const STOPPED: &str = "stopped";
-    /// The provider or the database failed; the chain goes on with the next check.
-    pub const ERROR: &str = "error";
-}
+use super::limiter::KeyedLimiter;
+use super::outcome::CheckOutcome;
+use super::policy::{next_interval, published_progress, schedule, PublishedProgress};
 
 /// Where a test can make the process die mid-check (`VIDEO_ORCHESTRATOR_CRASH_AT`), to prove the
 /// chain survives a crash at each step. Unset in production: the check is one env read at start.
@@ -80,158 +52,6 @@ fn crash_if(configured: Option<CrashPoint>, here: CrashPoint) {
     }
 }
 
-fn count(outcome: &'static str) {
-    metrics::counter!("video_progress_checks_total", "outcome" => outcome).increment(1);
-}
-
-/// When the next check is due and which tier carries it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Schedule {
-    /// Delay tier queue to publish into.
-    pub tier_ms: u64,
-    /// When the check is due (`scheduledAt`).
-    pub delay_ms: u64,
-}
-
-/// The interval policy: short at first, doubling every few checks for long stable tasks up to
-/// `max_interval_ms`, and shrinking again when the predicted completion is near.
-pub fn next_interval(
-    settings: &TrackingSettings,
-    interval_index: u32,
-    elapsed: Duration,
-    predicted_total: Option<Duration>,
-) -> Duration {
-    let min = settings.min_interval_ms;
-    let max = settings.max_interval_ms.max(min);
-    // Five checks at the minimum, then double every four checks.
-    let doublings = interval_index.saturating_sub(4) / 4;
-    let grown = min.saturating_mul(1u64 << doublings.min(20)).min(max);
-    let mut interval = Duration::from_millis(grown);
-    if let Some(total) = predicted_total {
-        let remaining = total.saturating_sub(elapsed);
-        if remaining < interval {
-            interval = remaining.max(Duration::from_millis(min));
-        }
-    }
-    interval
-}
-
-/// Maps a wanted delay onto the tiers: the largest tier not above it, so checks are never late
-/// by policy; a delay longer than the longest tier rides the longest tier and goes round again
-/// on arrival; `at_least` (a provider's `Retry-After`) rounds up instead.
-pub fn schedule(topology: &Topology, wanted: Duration, at_least: Option<Duration>) -> Schedule {
-    let wanted_ms = wanted.as_millis() as u64;
-    let longest = topology.longest_tier_ms();
-    match at_least {
-        Some(min) if min.as_millis() as u64 >= wanted_ms => {
-            let min_ms = min.as_millis() as u64;
-            if min_ms > longest {
-                Schedule {
-                    tier_ms: longest,
-                    delay_ms: min_ms,
-                }
-            } else {
-                let tier = topology.tier_at_least(min_ms);
-                Schedule {
-                    tier_ms: tier,
-                    delay_ms: tier,
-                }
-            }
-        }
-        _ if wanted_ms > longest => Schedule {
-            tier_ms: longest,
-            delay_ms: wanted_ms,
-        },
-        _ => {
-            let tier = topology.tier_at_most(wanted_ms);
-            Schedule {
-                tier_ms: tier,
-                delay_ms: tier,
-            }
-        }
-    }
-}
-
-/// Progress we publish: the provider's number when it has one, else an estimate from elapsed
-/// time against the model's median duration; never backwards, never 100 before the provider
-/// says done.
-pub fn published_progress(
-    previous: i16,
-    provider_progress: Option<u8>,
-    elapsed: Duration,
-    median: Option<Duration>,
-) -> (u8, Option<Duration>) {
-    let (raw, total) = match (provider_progress, median) {
-        (Some(p), _) => {
-            let total = if p > 0 {
-                Some(elapsed.mul_f64(100.0 / f64::from(p)))
-            } else {
-                median
-            };
-            (p, total)
-        }
-        (None, Some(m)) if !m.is_zero() => {
-            let est = (elapsed.as_secs_f64() / m.as_secs_f64() * 100.0).floor();
-            (est.clamp(0.0, 95.0) as u8, Some(m))
-        }
-        (None, _) => (0, None),
-    };
-    let previous = u8::try_from(previous.clamp(0, 100)).unwrap_or(0);
-    (raw.min(99).max(previous.min(99)), total)
-}
-
-/// Bounded concurrency per key, plus strict serialisation per key when the permit count is 1.
-/// Entries are removed when nobody holds or waits for them, so memory follows in-flight work,
-/// not the number of tasks.
-#[derive(Debug, Default)]
-struct KeyedLimiter {
-    permits: usize,
-    map: StdMutex<HashMap<String, Arc<Semaphore>>>,
-}
-
-struct KeyedPermit<'a> {
-    limiter: &'a KeyedLimiter,
-    key: String,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Drop for KeyedPermit<'_> {
-    fn drop(&mut self) {
-        self.permit.take();
-        let mut map = self.limiter.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(sem) = map.get(&self.key) {
-            // Only our map entry holds it: nobody waits or holds a permit.
-            if Arc::strong_count(sem) == 1 {
-                map.remove(&self.key);
-            }
-        }
-    }
-}
-
-impl KeyedLimiter {
-    fn new(permits: usize) -> Self {
-        Self {
-            permits,
-            map: StdMutex::new(HashMap::new()),
-        }
-    }
-
-    async fn acquire(&self, key: &str) -> KeyedPermit<'_> {
-        let sem = {
-            let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(key.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.permits)))
-                .clone()
-        };
-        let permit = sem.acquire_owned().await.ok();
-        KeyedPermit {
-            limiter: self,
-            key: key.to_owned(),
-            permit,
-        }
-    }
-}
-
 /// The tracker: a [`Handler`] for partition queues.
 #[derive(Debug)]
 pub struct ProgressTracker {
@@ -248,7 +68,8 @@ pub struct ProgressTracker {
 }
 
 impl ProgressTracker {
-    /// A tracker publishing through `publisher`.
+    /// A tracker that reads task rows from `store`, asks `providers` for status and publishes
+    /// checks and progress through `publisher`.
     pub fn new(
         store: Store,
         providers: Providers,
@@ -293,25 +114,13 @@ impl ProgressTracker {
         &self,
         check: &VideoProgressCheckRequested,
         traceparent: Option<String>,
-    ) -> &'static str {
+    ) -> CheckOutcome {
         let now = Utc::now();
         // A delay longer than the longest tier goes round again until it is due.
         let early_ms = (check.scheduled_at - now).num_milliseconds();
         if early_ms > 250 {
-            let s = schedule(&self.topology, Duration::from_millis(early_ms as u64), None);
-            let again = VideoProgressCheckRequested {
-                meta: Meta::new(),
-                ..check.clone()
-            };
-            let envelope = self
-                .topology
-                .delayed_check(s.tier_ms, &again)
-                .with_traceparent(traceparent);
-            if let Err(e) = self.publisher.publish(&envelope).await {
-                warn!(error = %e, "could not send an early check round again; the sweeper will re-arm");
-            }
-            metrics::counter!("video_progress_checks_recirculated_total").increment(1);
-            return "recirculated";
+            let early = Duration::from_millis(early_ms as u64);
+            return self.recirculate(check, early, traceparent).await;
         }
         let lag = (now - check.scheduled_at).num_milliseconds() as f64 / 1000.0;
         metrics::histogram!("video_progress_scheduling_lag_seconds").record(lag.max(0.0));
@@ -328,19 +137,19 @@ impl ProgressTracker {
             Ok(None) => {
                 metrics::counter!("video_progress_orphaned_checks_total").increment(1);
                 debug!("orphaned check: no such task");
-                return outcome::ORPHANED;
+                return CheckOutcome::Orphaned;
             }
             Err(e) => {
                 // The row is unknown, so it was not advanced: the next check keeps this sequence.
                 warn!(error = %e, "database error during a check; scheduling the next one");
                 self.schedule_next(check, check.sequence, None, &traceparent, None)
                     .await;
-                return outcome::ERROR;
+                return CheckOutcome::Error;
             }
         };
         if task.status != TaskStatus::Processing || task.tracking_stopped {
             debug!(status = task.status.as_str(), "tracking stopped");
-            return outcome::STOPPED;
+            return CheckOutcome::Stopped;
         }
         if check.sequence < task.check_sequence {
             metrics::counter!("video_progress_stale_checks_total").increment(1);
@@ -349,7 +158,7 @@ impl ProgressTracker {
                 row = task.check_sequence,
                 "stale or duplicate check dropped"
             );
-            return outcome::STALE;
+            return CheckOutcome::Stale;
         }
         let started = task.started_at.unwrap_or(check.start_time);
         let elapsed = (now - started).to_std().unwrap_or_default();
@@ -362,7 +171,7 @@ impl ProgressTracker {
             warn!(provider = %task.provider, "task's provider is not configured on this instance");
             self.schedule_next(check, check.sequence + 1, None, &traceparent, Some(&task))
                 .await;
-            return outcome::ERROR;
+            return CheckOutcome::Error;
         };
         let provider_task = ProviderTask {
             id: task.provider_task_id.clone().unwrap_or_default(),
@@ -382,7 +191,7 @@ impl ProgressTracker {
                     Some(&task),
                 )
                 .await;
-                return outcome::ERROR;
+                return CheckOutcome::Error;
             }
         };
         if status.state.is_terminal() {
@@ -396,6 +205,25 @@ impl ProgressTracker {
         }
         self.progress(check, &task, &status, elapsed, &traceparent)
             .await
+    }
+
+    /// Sends a check that arrived `early` round again, into the tier that brings it back closest
+    /// to its due time without being late.
+    async fn recirculate(
+        &self,
+        check: &VideoProgressCheckRequested,
+        early: Duration,
+        traceparent: Option<String>,
+    ) -> CheckOutcome {
+        let s = schedule(&self.topology, early, None);
+        let envelope = self
+            .topology
+            .delayed_check(s.tier_ms, &check.resent())
+            .with_traceparent(traceparent);
+        if let Err(e) = self.publisher.publish(&envelope).await {
+            warn!(error = %e, "could not send an early check round again; the sweeper will re-arm");
+        }
+        CheckOutcome::Recirculated
     }
 
     fn finished_message(
@@ -426,7 +254,7 @@ impl ProgressTracker {
         task: &Task,
         finished: VideoProviderTaskFinished,
         traceparent: &Option<String>,
-    ) -> &'static str {
+    ) -> CheckOutcome {
         let envelope = self
             .topology
             .event(&finished)
@@ -434,7 +262,7 @@ impl ProgressTracker {
         if let Err(e) = self.publisher.publish(&envelope).await {
             // Not published: leave the row as it is so the sweeper re-arms the chain.
             warn!(error = %e, "could not publish the provider outcome; the sweeper will re-arm");
-            return outcome::ERROR;
+            return CheckOutcome::Error;
         }
         let advance = CheckAdvance {
             sequence: check.sequence,
@@ -447,7 +275,7 @@ impl ProgressTracker {
             debug!(error = %e, "could not record the last check");
         }
         info!(outcome = ?finished.outcome, "provider finished; tracking ends");
-        outcome::FINISHED
+        CheckOutcome::Finished
     }
 
     async fn progress(
@@ -457,14 +285,16 @@ impl ProgressTracker {
         status: &ProviderStatus,
         elapsed: Duration,
         traceparent: &Option<String>,
-    ) -> &'static str {
+    ) -> CheckOutcome {
         let median = if status.progress.is_none() {
             self.median(&task.model).await
         } else {
             None
         };
-        let (progress, predicted_total) =
-            published_progress(task.progress, status.progress, elapsed, median);
+        let PublishedProgress {
+            percent: progress,
+            predicted_total,
+        } = published_progress(task.progress, status.progress, elapsed, median);
         let progress_status = match status.state {
             ProviderState::Queued => ProgressStatus::Queued,
             _ => ProgressStatus::InProgress,
@@ -491,7 +321,7 @@ impl ProgressTracker {
             predicted_total,
         );
         let s = schedule(&self.topology, interval, None);
-        let next = self.next_check(check, check.sequence + 1, s);
+        let next = check.next(check.sequence + 1, s.due_at());
         let next_envelope = self
             .topology
             .delayed_check(s.tier_ms, &next)
@@ -514,7 +344,7 @@ impl ProgressTracker {
         }
         if let Err(e) = next_result {
             warn!(error = %e, "next check not published; the sweeper will re-arm");
-            return outcome::ERROR;
+            return CheckOutcome::Error;
         }
         crash_if(self.crash_at, CrashPoint::AfterPublish);
         if changed && self.webhooks.include_progress {
@@ -537,13 +367,13 @@ impl ProgressTracker {
                 // The next check is out and carries a sequence at or above the row's: the chain
                 // goes on even though this write is lost.
                 warn!(error = %e, "could not advance the check sequence");
-                return outcome::ERROR;
+                return CheckOutcome::Error;
             }
         }
         if changed {
-            outcome::PROGRESSED
+            CheckOutcome::Progressed
         } else {
-            outcome::UNCHANGED
+            CheckOutcome::Unchanged
         }
     }
 
@@ -566,24 +396,6 @@ impl ProgressTracker {
         }
     }
 
-    fn next_check(
-        &self,
-        check: &VideoProgressCheckRequested,
-        sequence: i64,
-        s: Schedule,
-    ) -> VideoProgressCheckRequested {
-        VideoProgressCheckRequested {
-            meta: Meta::new(),
-            request_id: check.request_id.clone(),
-            virtual_key_id: check.virtual_key_id.clone(),
-            scheduled_at: messages::now()
-                + chrono::Duration::milliseconds(i64::try_from(s.delay_ms).unwrap_or(i64::MAX)),
-            interval_index: check.interval_index + 1,
-            start_time: check.start_time,
-            sequence,
-        }
-    }
-
     /// Schedules the next check after a failed one, advancing the row when we can.
     async fn schedule_next(
         &self,
@@ -596,7 +408,7 @@ impl ProgressTracker {
         let elapsed = (Utc::now() - check.start_time).to_std().unwrap_or_default();
         let interval = next_interval(&self.settings, check.interval_index + 1, elapsed, None);
         let s = schedule(&self.topology, interval, retry_after);
-        let next = self.next_check(check, sequence, s);
+        let next = check.next(sequence, s.due_at());
         let envelope = self
             .topology
             .delayed_check(s.tier_ms, &next)
@@ -636,145 +448,10 @@ impl Handler for ProgressTracker {
             span.record("virtual_key", check.virtual_key_id.as_str());
             crash_if(self.crash_at, CrashPoint::Received);
             let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
-            let result = self.check(&check, Some(traceparent)).await;
-            if result != "recirculated" {
-                count(result);
-            }
+            self.check(&check, Some(traceparent)).await.record();
             Outcome::Ack
         }
         .instrument(span)
         .await
-    }
-}
-
-/// Used by the sweeper: a fresh check for a re-armed task.
-pub fn rearm_check(
-    task: &Task,
-    topology: &Topology,
-    settings: &TrackingSettings,
-) -> (u64, VideoProgressCheckRequested) {
-    let tier = topology.tier_at_most(settings.min_interval_ms);
-    let start: DateTime<Utc> = task.started_at.unwrap_or(task.created_at);
-    let check = VideoProgressCheckRequested {
-        meta: Meta::new(),
-        request_id: task.request_id.clone(),
-        virtual_key_id: task.virtual_key_id.clone(),
-        scheduled_at: messages::now()
-            + chrono::Duration::milliseconds(i64::try_from(tier).unwrap_or(i64::MAX)),
-        interval_index: 0,
-        start_time: start,
-        sequence: task.check_sequence,
-    };
-    (tier, check)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> TrackingSettings {
-        crate::config::Settings::load_from(&[]).unwrap().tracking
-    }
-
-    #[test]
-    fn interval_starts_short_grows_and_caps() {
-        let s = settings();
-        let at = |i| next_interval(&s, i, Duration::from_secs(0), None).as_millis() as u64;
-        assert_eq!(at(0), 2000);
-        assert_eq!(at(4), 2000);
-        assert_eq!(at(8), 4000);
-        assert_eq!(at(12), 8000);
-        assert_eq!(at(100), 30000);
-    }
-
-    #[test]
-    fn interval_shrinks_near_predicted_completion() {
-        let s = settings();
-        let i = next_interval(
-            &s,
-            40,
-            Duration::from_secs(100),
-            Some(Duration::from_secs(105)),
-        );
-        assert_eq!(i, Duration::from_secs(5));
-        let i = next_interval(
-            &s,
-            40,
-            Duration::from_secs(100),
-            Some(Duration::from_secs(100)),
-        );
-        assert_eq!(i, Duration::from_millis(2000), "never below the minimum");
-    }
-
-    #[test]
-    fn schedule_snaps_to_tiers() {
-        let t = Topology::new("", 16, vec![1000, 2000, 5000, 10000, 30000, 60000]);
-        assert_eq!(
-            schedule(&t, Duration::from_millis(4000), None),
-            Schedule {
-                tier_ms: 2000,
-                delay_ms: 2000
-            }
-        );
-        assert_eq!(
-            schedule(&t, Duration::from_millis(500), None),
-            Schedule {
-                tier_ms: 1000,
-                delay_ms: 1000
-            }
-        );
-        assert_eq!(
-            schedule(&t, Duration::from_secs(90), None),
-            Schedule {
-                tier_ms: 60000,
-                delay_ms: 90000
-            }
-        );
-        // Retry-After stretches the interval to at least that long.
-        assert_eq!(
-            schedule(
-                &t,
-                Duration::from_millis(2000),
-                Some(Duration::from_millis(3000))
-            ),
-            Schedule {
-                tier_ms: 5000,
-                delay_ms: 5000
-            }
-        );
-    }
-
-    #[test]
-    fn published_progress_is_monotonic_and_never_complete() {
-        assert_eq!(
-            published_progress(40, Some(30), Duration::from_secs(3), None).0,
-            40
-        );
-        assert_eq!(
-            published_progress(40, Some(100), Duration::from_secs(3), None).0,
-            99
-        );
-        let (p, total) = published_progress(
-            0,
-            None,
-            Duration::from_secs(5),
-            Some(Duration::from_secs(10)),
-        );
-        assert_eq!(p, 50);
-        assert_eq!(total, Some(Duration::from_secs(10)));
-        assert_eq!(
-            published_progress(
-                0,
-                None,
-                Duration::from_secs(50),
-                Some(Duration::from_secs(10))
-            )
-            .0,
-            95
-        );
-        assert_eq!(
-            published_progress(0, None, Duration::from_secs(5), None).0,
-            0
-        );
     }
 }
