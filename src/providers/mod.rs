@@ -43,7 +43,7 @@ pub struct ProviderSettings {
     pub base_url: String,
     /// Sent as `Authorization: Bearer <key>`; no header is sent when empty. Never logged:
     /// `SecretString`'s `Debug` prints `[REDACTED]`.
-    #[serde(default, serialize_with = "crate::config::secret_redacted")]
+    #[serde(default, serialize_with = "crate::redact::secret_redacted")]
     pub api_key: SecretString,
     /// Per HTTP request timeout (connect + response), also the longest wait for a concurrency
     /// permit.
