@@ -46,7 +46,7 @@ pub struct SubmitRequest {
     pub request_id: String,
     /// Model name as the provider knows it.
     pub model: String,
-    /// The prompt.
+    /// Sent to the provider unchanged; the simulator reads steering tags such as `[fail]` in it.
     pub prompt: String,
     /// Clip length, when the caller asked for one.
     pub duration_seconds: Option<u32>,
@@ -70,7 +70,7 @@ pub struct ProviderTask {
 pub enum ProviderState {
     /// Accepted, not running yet.
     Queued,
-    /// Running.
+    /// Rendering; progress may be reported.
     InProgress,
     /// Finished with a video.
     Succeeded,
@@ -91,7 +91,7 @@ impl ProviderState {
 /// One status observation of a provider job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProviderStatus {
-    /// Where the job is.
+    /// The job's state in the protocol-independent terms callers branch on.
     pub state: ProviderState,
     /// Percentage 0–100 when the provider reports one (`None` means unknown, not zero).
     pub progress: Option<u8>,
