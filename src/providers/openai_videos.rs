@@ -162,12 +162,7 @@ impl VideoProvider for OpenAiVideosProvider {
         }
         let created = self
             .transport
-            .create(
-                Request::new(Operation::Submit, Method::POST, "/v1/videos")
-                    .json(&body)
-                    .traceparent(request.traceparent.as_deref()),
-                "video",
-            )
+            .submit("/v1/videos", &body, request.traceparent.as_deref(), "video")
             .await?;
         tracing::debug!(provider = %self.transport.name(), request_id = %request.request_id, video_id = %created.id, "video submitted");
         Ok(created)
@@ -181,10 +176,7 @@ impl VideoProvider for OpenAiVideosProvider {
         let path = Self::video_path(&task.id);
         let base_url = self.transport.base_url();
         self.transport
-            .send_parsed(
-                Request::new(Operation::Status, Method::GET, &path).traceparent(traceparent),
-                |body| parse_video(body, base_url),
-            )
+            .status(&path, traceparent, |body| parse_video(body, base_url))
             .await
     }
 

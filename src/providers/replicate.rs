@@ -197,10 +197,10 @@ impl VideoProvider for ReplicateProvider {
         let body = serde_json::json!({ "version": request.model, "input": input });
         let created = self
             .transport
-            .create(
-                Request::new(Operation::Submit, Method::POST, "/v1/predictions")
-                    .json(&body)
-                    .traceparent(request.traceparent.as_deref()),
+            .submit(
+                "/v1/predictions",
+                &body,
+                request.traceparent.as_deref(),
                 "prediction",
             )
             .await?;
@@ -215,10 +215,7 @@ impl VideoProvider for ReplicateProvider {
     ) -> Result<ProviderStatus, ProviderError> {
         let path = format!("/v1/predictions/{}", path_segment(&task.id));
         self.transport
-            .send_parsed(
-                Request::new(Operation::Status, Method::GET, &path).traceparent(traceparent),
-                parse_prediction,
-            )
+            .status(&path, traceparent, parse_prediction)
             .await
     }
 

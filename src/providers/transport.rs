@@ -56,13 +56,13 @@ impl<'a> Request<'a> {
     }
 
     /// Sends `body` as JSON.
-    pub(crate) fn json(mut self, body: &'a serde_json::Value) -> Self {
+    fn json(mut self, body: &'a serde_json::Value) -> Self {
         self.body = Some(body);
         self
     }
 
     /// Sends the W3C trace context as the `traceparent` header, when there is one.
-    pub(crate) fn traceparent(mut self, traceparent: Option<&'a str>) -> Self {
+    fn traceparent(mut self, traceparent: Option<&'a str>) -> Self {
         self.traceparent = traceparent;
         self
     }
@@ -175,35 +175,21 @@ impl HttpTransport {
         result
     }
 
-    /// Sends one request and reads the success body with `parse`; a parse error is prefixed with
-    /// the provider's name and counted like any other error.
-    ///
-    /// # Errors
-    /// As [`HttpTransport::send`], or the error of `parse`.
-    pub(crate) async fn send_parsed<T>(
-        &self,
-        request: Request<'_>,
-        parse: impl FnOnce(&[u8]) -> Result<T, ProviderError>,
-    ) -> Result<T, ProviderError> {
-        let operation = request.operation;
-        let body = self.send(request).await?;
-        parse(&body).map_err(|error| {
-            let error = error.context(&self.name);
-            self.record_error(operation, &error);
-            error
-        })
-    }
-
-    /// Sends a request that creates a job, and returns the job's `id` from the answer. `created`
-    /// names the job in errors ("video", "prediction").
+    /// `POST path` with `body`, creating a job; returns the job's `id` from the answer.
+    /// `created` names the job in errors ("video", "prediction").
     ///
     /// # Errors
     /// As [`HttpTransport::send`]; permanent when the answer has no id or an empty one.
-    pub(crate) async fn create(
+    pub(crate) async fn submit(
         &self,
-        request: Request<'_>,
+        path: &str,
+        body: &serde_json::Value,
+        traceparent: Option<&str>,
         created: &str,
     ) -> Result<ProviderTask, ProviderError> {
+        let request = Request::new(Operation::Submit, Method::POST, path)
+            .json(body)
+            .traceparent(traceparent);
         let what = request.describe();
         self.send_parsed(request, |body| {
             let Created { id } =
@@ -216,6 +202,36 @@ impl HttpTransport {
             Ok(ProviderTask { id })
         })
         .await
+    }
+
+    /// `GET path`, the job's status, read from the answer with `parse`.
+    ///
+    /// # Errors
+    /// As [`HttpTransport::send`], or the error of `parse`.
+    pub(crate) async fn status<T>(
+        &self,
+        path: &str,
+        traceparent: Option<&str>,
+        parse: impl FnOnce(&[u8]) -> Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        let request = Request::new(Operation::Status, Method::GET, path).traceparent(traceparent);
+        self.send_parsed(request, parse).await
+    }
+
+    /// Sends one request and reads the success body with `parse`; a parse error is prefixed with
+    /// the provider's name and counted like any other error.
+    async fn send_parsed<T>(
+        &self,
+        request: Request<'_>,
+        parse: impl FnOnce(&[u8]) -> Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        let operation = request.operation;
+        let body = self.send(request).await?;
+        parse(&body).map_err(|error| {
+            let error = error.context(&self.name);
+            self.record_error(operation, &error);
+            error
+        })
     }
 
     fn record_error(&self, operation: Operation, error: &ProviderError) {

@@ -128,7 +128,8 @@ pub struct SimStats {
     pub status_calls_by_job: HashMap<String, u64>,
 }
 
-/// Entry point of the simulated provider.
+/// Starts the simulated provider: [`SimProvider::start`] returns the [`SimHandle`] that owns
+/// the server.
 #[derive(Debug)]
 pub struct SimProvider;
 
@@ -177,7 +178,7 @@ impl fmt::Debug for SimHandle {
 }
 
 impl SimHandle {
-    /// The bound address.
+    /// The address actually bound (with the port the system chose when `listen` had port 0).
     #[must_use]
     pub fn addr(&self) -> SocketAddr {
         self.addr
@@ -213,7 +214,7 @@ impl SimHandle {
         *lock(&self.state.faults) = faults;
     }
 
-    /// The current faults.
+    /// The faults in force, as last set through [`SimHandle::set_faults`] or `POST /sim/faults`.
     #[must_use]
     pub fn faults(&self) -> SimFaults {
         lock(&self.state.faults).clone()

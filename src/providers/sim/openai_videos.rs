@@ -16,7 +16,7 @@ use super::http::{
     error_response, file_response, guard, json_response, parse_body, seconds_field, to_json,
     Protocol,
 };
-use super::state::{lock, Job, Phase, SimState, FAILURE_MESSAGE};
+use super::state::{lock, Job, JobRequest, Phase, SimState, FAILURE_MESSAGE};
 use super::Shared;
 
 pub(super) fn routes() -> Router<Shared> {
@@ -75,7 +75,7 @@ fn render_video(id: &str, job: &Job, now: Instant) -> Vec<u8> {
     let body = VideoBody {
         id,
         object: "video",
-        model: &job.model,
+        model: &job.request.model,
         status,
         progress: view.progress,
         created_at: job.created_at.timestamp(),
@@ -83,9 +83,9 @@ fn render_video(id: &str, job: &Job, now: Instant) -> Vec<u8> {
         expires_at: (view.phase == Phase::Succeeded)
             .then(|| completed_at.map(|at| at + 3600))
             .flatten(),
-        prompt: &job.prompt,
-        size: job.size.as_deref().unwrap_or("720x1280"),
-        seconds: job.clip_seconds.unwrap_or(4).to_string(),
+        prompt: &job.request.prompt,
+        size: job.request.size.as_deref().unwrap_or("720x1280"),
+        seconds: job.request.clip_seconds.unwrap_or(4).to_string(),
         remixed_from_video_id: None,
         error,
     };
@@ -122,7 +122,14 @@ async fn create_video(State(state): State<Shared>, headers: HeaderMap, body: Byt
         .map(str::to_owned);
     let clip_seconds = seconds_field(request.get("seconds"));
     let id = format!("video_{}", uuid::Uuid::new_v4().simple());
-    let id = state.create_job(id, model, None, prompt.to_owned(), clip_seconds, size);
+    let request = JobRequest {
+        model,
+        version: None,
+        prompt: prompt.to_owned(),
+        clip_seconds,
+        size,
+    };
+    let id = state.create_job(id, request);
     video_response(&state, &id)
 }
 

@@ -19,7 +19,7 @@ use super::http::{
     error_response, file_response, guard, json_response, parse_body, public_base, seconds_field,
     Protocol,
 };
-use super::state::{lock, Job, Phase, SimState, View, FAILURE_MESSAGE};
+use super::state::{lock, Job, JobRequest, Phase, SimState, View, FAILURE_MESSAGE};
 use super::Shared;
 
 pub(super) fn routes() -> Router<Shared> {
@@ -122,13 +122,14 @@ fn render_prediction(id: &str, job: &Job, now: Instant, base: &str) -> Vec<u8> {
     let body = PredictionBody {
         id,
         model: job
+            .request
             .model
             .split_once(':')
-            .map_or(job.model.as_str(), |(model, _)| model),
-        version: job.version.as_deref(),
+            .map_or(job.request.model.as_str(), |(model, _)| model),
+        version: job.request.version.as_deref(),
         input: PredictionInput {
-            prompt: &job.prompt,
-            duration: job.clip_seconds,
+            prompt: &job.request.prompt,
+            duration: job.request.clip_seconds,
         },
         logs: prediction_logs(&view),
         output: (view.phase == Phase::Succeeded).then(|| format!("{base}/sim/files/{id}.mp4")),
@@ -210,15 +211,14 @@ async fn create_prediction(
     if let Some((status, message)) = state.submit_refusal(prompt) {
         return error_response(Protocol::Replicate, status, message);
     }
-    let clip_seconds = seconds_field(input.and_then(|i| i.get("duration")));
-    let id = state.create_job(
-        replicate_id(),
+    let request = JobRequest {
         model,
         version,
-        prompt.to_owned(),
-        clip_seconds,
-        None,
-    );
+        prompt: prompt.to_owned(),
+        clip_seconds: seconds_field(input.and_then(|i| i.get("duration"))),
+        size: None,
+    };
+    let id = state.create_job(replicate_id(), request);
     prediction_response(state, headers, &id, StatusCode::CREATED)
 }
 

@@ -63,8 +63,8 @@ impl Phase {
     }
 }
 
-/// One simulated job, as submitted; its state is computed from the time since `created`.
-pub(super) struct Job {
+/// What a submit asked for, in either protocol.
+pub(super) struct JobRequest {
     pub(super) model: String,
     /// Replicate `version` as submitted (None for `model`-style and OpenAI-style submits).
     pub(super) version: Option<String>,
@@ -72,6 +72,11 @@ pub(super) struct Job {
     /// Requested clip length.
     pub(super) clip_seconds: Option<u32>,
     pub(super) size: Option<String>,
+}
+
+/// One simulated job; its state is computed from the time since `created`.
+pub(super) struct Job {
+    pub(super) request: JobRequest,
     pub(super) created_at: DateTime<Utc>,
     pub(super) created: Instant,
     duration: Duration,
@@ -93,6 +98,18 @@ pub(super) struct View {
 }
 
 impl Job {
+    fn new(request: JobRequest, duration: Duration, fail: bool) -> Self {
+        Self {
+            request,
+            created_at: Utc::now(),
+            created: Instant::now(),
+            duration,
+            fail,
+            cancelled_after: None,
+            status_calls: 0,
+        }
+    }
+
     pub(super) fn view(&self, now: Instant) -> View {
         let elapsed = now.saturating_duration_since(self.created);
         let queued_for = self.duration / QUEUED_FRACTION;
@@ -197,17 +214,9 @@ impl SimState {
 
     /// Creates a job from an accepted submit (refusals are decided before, by
     /// [`SimState::submit_refusal`]), applying the prompt's duration and failure overrides.
-    pub(super) fn create_job(
-        &self,
-        id: String,
-        model: String,
-        version: Option<String>,
-        prompt: String,
-        clip_seconds: Option<u32>,
-        size: Option<String>,
-    ) -> String {
+    pub(super) fn create_job(&self, id: String, request: JobRequest) -> String {
         let mut rng = rand::rng();
-        let base = match duration_override(&prompt) {
+        let base = match duration_override(&request.prompt) {
             Some(ms) => ms,
             None => {
                 let jitter = if self.settings.duration_jitter_ms > 0 {
@@ -218,25 +227,13 @@ impl SimState {
                 self.settings.duration_ms.saturating_add(jitter)
             }
         };
-        let duration_ms = if prompt.contains("[slow]") {
+        let duration_ms = if request.prompt.contains("[slow]") {
             base.saturating_mul(10)
         } else {
             base
         };
-        let fail = prompt.contains("[fail]") || roll(self.settings.failure_rate);
-        let job = Job {
-            model,
-            version,
-            prompt,
-            clip_seconds,
-            size,
-            created_at: Utc::now(),
-            created: Instant::now(),
-            duration: Duration::from_millis(duration_ms),
-            fail,
-            cancelled_after: None,
-            status_calls: 0,
-        };
+        let fail = request.prompt.contains("[fail]") || roll(self.settings.failure_rate);
+        let job = Job::new(request, Duration::from_millis(duration_ms), fail);
         lock(self.shard(&id)).insert(id.clone(), job);
         id
     }
@@ -286,19 +283,14 @@ pub(super) fn roll(rate: f64) -> bool {
 /// A job of `duration_ms`, created now, for unit tests.
 #[cfg(test)]
 pub(super) fn test_job(duration_ms: u64, fail: bool) -> Job {
-    Job {
+    let request = JobRequest {
         model: "m".to_owned(),
         version: None,
         prompt: "p".to_owned(),
         clip_seconds: None,
         size: None,
-        created_at: Utc::now(),
-        created: Instant::now(),
-        duration: Duration::from_millis(duration_ms),
-        fail,
-        cancelled_after: None,
-        status_calls: 0,
-    }
+    };
+    Job::new(request, Duration::from_millis(duration_ms), fail)
 }
 
 #[cfg(test)]
