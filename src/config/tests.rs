@@ -43,6 +43,13 @@ fn environment_overrides_nested_keys_and_lists() {
     assert_eq!(s.providers["sim"].base_url, "http://127.0.0.1:9999");
 }
 
+/// The error of loading the defaults with `var=value`.
+fn load_error(var: &str, value: &str) -> String {
+    Settings::load_from(&env(&[(var, value)]))
+        .expect_err(&format!("{var}={value} must fail"))
+        .to_string()
+}
+
 #[test]
 fn bad_values_name_their_key() {
     let cases = [
@@ -63,9 +70,7 @@ fn bad_values_name_their_key() {
         ),
     ];
     for (var, value, key) in cases {
-        let err = Settings::load_from(&env(&[(var, value)]))
-            .expect_err(&format!("{var}={value} must fail"))
-            .to_string();
+        let err = load_error(var, value);
         assert!(
             err.contains(key),
             "{var}={value}: error `{err}` does not name `{key}`"
@@ -93,9 +98,7 @@ fn bad_provider_and_routing_values_fail_the_load_naming_their_key() {
         ),
     ];
     for (var, value, key) in cases {
-        let err = Settings::load_from(&env(&[(var, value)]))
-            .expect_err(&format!("{var}={value} must fail"))
-            .to_string();
+        let err = load_error(var, value);
         assert!(
             err.starts_with("configuration key `providers`: ") && err.contains(key),
             "{var}={value}: error `{err}` does not name `{key}`"
