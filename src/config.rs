@@ -15,7 +15,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::providers::{ProviderSettings, RoutingSettings};
+use crate::providers::{ProviderConfigError, ProviderSettings, RoutingSettings};
+use crate::redact::{secret_redacted, url_redacted, urls_redacted};
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -49,6 +50,19 @@ impl ConfigError {
             reason: reason.into(),
         }
     }
+}
+
+/// `Ok` when `holds`, else the error naming `key`.
+fn ensure(holds: bool, key: &str, reason: &str) -> Result<(), ConfigError> {
+    if holds {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(key, reason))
+    }
+}
+
+fn strictly_increasing(values: &[u64]) -> bool {
+    values.windows(2).all(|pair| pair[0] < pair[1])
 }
 
 /// The whole configuration, one struct per section.
@@ -85,7 +99,7 @@ pub struct Settings {
     pub routing: RoutingSettings,
 }
 
-/// `[rabbitmq]`
+/// `[rabbitmq]`: where the broker is, how to reconnect, how long to wait for confirms.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RabbitSettings {
     /// One broker URL (`amqp://` or `amqps://`).
@@ -113,21 +127,53 @@ impl RabbitSettings {
             self.urls.clone()
         }
     }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (i, url) in self.node_urls().iter().enumerate() {
+            let key = if self.urls.is_empty() {
+                "rabbitmq.url".to_owned()
+            } else {
+                format!("rabbitmq.urls[{i}]")
+            };
+            url.expose_secret()
+                .parse::<lapin::uri::AMQPUri>()
+                .map_err(|e| ConfigError::invalid(&key, format!("not an AMQP URL: {e}")))?;
+        }
+        Ok(())
+    }
 }
 
-/// `[database]`
+/// `[database]`: the PostgreSQL URL and the pool.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct DatabaseSettings {
     /// `postgres://` URL; `?sslmode=require` and friends are honoured.
     #[serde(serialize_with = "url_redacted")]
     pub url: SecretString,
-    /// Pool size.
+    /// Most connections the pool opens.
     pub max_connections: u32,
     /// How long a query waits for a pooled connection.
     pub acquire_timeout_ms: u64,
 }
 
-/// `[topology]`
+impl DatabaseSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let url = self.url.expose_secret();
+        ensure(
+            url.starts_with("postgres://") || url.starts_with("postgresql://"),
+            "database.url",
+            "must start with postgres:// or postgresql://",
+        )?;
+        url.parse::<sqlx::postgres::PgConnectOptions>()
+            .map_err(|e| ConfigError::invalid("database.url", e.to_string()))?;
+        ensure(
+            self.max_connections > 0,
+            "database.max_connections",
+            "must be at least 1",
+        )
+    }
+}
+
+/// `[topology]`: names and layout of the exchanges and queues, declared at every start.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TopologySettings {
     /// Prepended verbatim to every exchange and queue name.
@@ -146,6 +192,26 @@ pub struct TopologySettings {
     pub consumer_queue_limits: QueueLimits,
 }
 
+impl TopologySettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            (1..=1024).contains(&self.partitions),
+            "topology.partitions",
+            "must be between 1 and 1024",
+        )?;
+        ensure(
+            !self.prefix.chars().any(char::is_whitespace),
+            "topology.prefix",
+            "must not contain whitespace",
+        )?;
+        ensure(
+            self.delivery_limit > 0,
+            "topology.delivery_limit",
+            "must be at least 1",
+        )
+    }
+}
+
 /// How consumed queues get their delivery limit and dead-letter target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -157,7 +223,7 @@ pub enum QueueLimits {
     Policy,
 }
 
-/// `[http]`
+/// `[http]`: the one HTTP listener (health, metrics, the task API).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HttpSettings {
     /// Address of `/healthz`, `/readyz`, `/metrics` and `/v1/tasks`.
@@ -174,14 +240,14 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// `[log]`
+/// `[log]`: the log line format; the filter comes from `RUST_LOG`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LogSettings {
     /// `json` or `pretty`.
     pub format: LogFormat,
 }
 
-/// `[generation]`
+/// `[generation]`: limits, submit retries and retry queues of the generation orchestrator.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct GenerationSettings {
     /// Prefetch on the `video.generation` queue.
@@ -216,6 +282,36 @@ impl GenerationSettings {
     pub fn retry_max(&self) -> Duration {
         Duration::from_millis(self.retry_max_ms)
     }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.concurrency > 0,
+            "generation.concurrency",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.prefetch > 0,
+            "generation.prefetch",
+            "must be at least 1 (0 means unbounded)",
+        )?;
+        ensure(
+            !self.retry_tiers_ms.is_empty()
+                && !self.retry_tiers_ms.contains(&0)
+                && strictly_increasing(&self.retry_tiers_ms),
+            "generation.retry_tiers_ms",
+            "needs at least one tier, strictly increasing, none of them 0",
+        )?;
+        ensure(
+            self.max_message_bytes >= 1024,
+            "generation.max_message_bytes",
+            "must be at least 1024",
+        )?;
+        ensure(
+            self.submit_max_attempts > 0,
+            "generation.submit_max_attempts",
+            "must be at least 1",
+        )
+    }
 }
 
 /// How checks are serialised inside one instance.
@@ -228,7 +324,8 @@ pub enum SerializeBy {
     VirtualKey,
 }
 
-/// `[tracking]`
+/// `[tracking]`: check intervals, concurrency, delay tiers and partition leases of progress
+/// tracking and the sweeper.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TrackingSettings {
     /// First interval between checks.
@@ -257,7 +354,48 @@ pub struct TrackingSettings {
     pub lease_heartbeat_ms: u64,
 }
 
-/// `[outbox]`
+impl TrackingSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            !self.delay_tiers_ms.is_empty() && !self.delay_tiers_ms.contains(&0),
+            "tracking.delay_tiers_ms",
+            "needs at least one tier, none of them 0",
+        )?;
+        ensure(
+            strictly_increasing(&self.delay_tiers_ms),
+            "tracking.delay_tiers_ms",
+            "must be strictly increasing",
+        )?;
+        ensure(
+            self.min_interval_ms > 0,
+            "tracking.min_interval_ms",
+            "must be above 0",
+        )?;
+        ensure(
+            self.max_interval_ms >= self.min_interval_ms,
+            "tracking.max_interval_ms",
+            "must not be below tracking.min_interval_ms",
+        )?;
+        for (key, value) in [
+            ("tracking.concurrency", self.concurrency),
+            ("tracking.per_key_concurrency", self.per_key_concurrency),
+        ] {
+            ensure(value > 0, key, "must be at least 1")?;
+        }
+        ensure(
+            self.prefetch > 0,
+            "tracking.prefetch",
+            "must be at least 1 (0 means unbounded)",
+        )?;
+        ensure(
+            self.lease_heartbeat_ms > 0 && self.lease_ttl_ms > self.lease_heartbeat_ms,
+            "tracking.lease_ttl_ms",
+            "must be longer than tracking.lease_heartbeat_ms (and the heartbeat above 0)",
+        )
+    }
+}
+
+/// `[outbox]`: how the relay drains the transactional outbox.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct OutboxSettings {
     /// Rows published per round.
@@ -266,7 +404,17 @@ pub struct OutboxSettings {
     pub poll_interval_ms: u64,
 }
 
-/// `[webhooks]`
+impl OutboxSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.batch_size > 0,
+            "outbox.batch_size",
+            "must be at least 1",
+        )
+    }
+}
+
+/// `[webhooks]`: signing, allowed hosts and retries of webhook delivery.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct WebhookSettings {
     /// HMAC-SHA256 key for `X-Webhook-Signature`.
@@ -286,7 +434,7 @@ pub struct WebhookSettings {
     pub legacy_signature: bool,
 }
 
-/// `[shutdown]`
+/// `[shutdown]`: how long a SIGTERM waits for in-flight work.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ShutdownSettings {
     /// In-flight work gets this long after SIGTERM.
@@ -298,67 +446,6 @@ impl ShutdownSettings {
     pub fn grace(&self) -> Duration {
         Duration::from_millis(self.grace_ms)
     }
-}
-
-/// What a set secret, or a URL that does not parse, is printed as.
-const REDACTED: &str = "[REDACTED]";
-
-/// A URL with its password replaced by `***`, for logs and `config check`.
-///
-/// A `password` query parameter (which libpq and sqlx accept) is masked the same way. A URL
-/// without a password comes back unchanged; one that does not parse comes back as
-/// `[REDACTED]`, since there is no telling where its password is.
-pub fn redact_url(url: &str) -> String {
-    let Ok(mut parsed) = url::Url::parse(url) else {
-        return REDACTED.to_owned();
-    };
-    let query_password = parsed
-        .query_pairs()
-        .any(|(k, _)| k.eq_ignore_ascii_case("password"));
-    if parsed.password().is_none() && !query_password {
-        return url.to_owned();
-    }
-    if parsed.password().is_some() && parsed.set_password(Some("***")).is_err() {
-        return REDACTED.to_owned();
-    }
-    if query_password {
-        let pairs: Vec<(String, String)> = parsed
-            .query_pairs()
-            .map(|(k, v)| {
-                let v = if k.eq_ignore_ascii_case("password") {
-                    "***".into()
-                } else {
-                    v
-                };
-                (k.into_owned(), v.into_owned())
-            })
-            .collect();
-        parsed.query_pairs_mut().clear().extend_pairs(pairs);
-    }
-    parsed.to_string()
-}
-
-/// `serialize_with` for a URL secret: the URL without its password.
-fn url_redacted<S: Serializer>(url: &SecretString, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_url(url.expose_secret()))
-}
-
-/// `serialize_with` for a list of URL secrets.
-fn urls_redacted<S: Serializer>(urls: &[SecretString], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(urls.iter().map(|u| redact_url(u.expose_secret())))
-}
-
-/// `serialize_with` for any other secret: `[REDACTED]` when set, empty when not (so a
-/// missing key shows).
-pub(crate) fn secret_redacted<S: Serializer>(
-    secret: &SecretString,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    s.serialize_str(if secret.expose_secret().is_empty() {
-        ""
-    } else {
-        REDACTED
-    })
 }
 
 /// `serialize_with` for the providers, sorted by name so the output is stable.
@@ -427,152 +514,35 @@ impl Settings {
         Ok(settings)
     }
 
-    /// Checks values that have the right type but no meaning.
+    /// Checks values that have the right type but no meaning, section by section.
     ///
     /// # Errors
     /// Returns [`ConfigError::Invalid`] naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (i, url) in self.rabbitmq.node_urls().iter().enumerate() {
-            let key = if self.rabbitmq.urls.is_empty() {
-                "rabbitmq.url".to_owned()
-            } else {
-                format!("rabbitmq.urls[{i}]")
-            };
-            url.expose_secret()
-                .parse::<lapin::uri::AMQPUri>()
-                .map_err(|e| ConfigError::invalid(&key, format!("not an AMQP URL: {e}")))?;
+        self.rabbitmq.validate()?;
+        self.database.validate()?;
+        self.topology.validate()?;
+        self.tracking.validate()?;
+        self.generation.validate()?;
+        self.outbox.validate()?;
+        self.validate_providers()
+    }
+
+    /// Each provider, the routing against them, and no route to the simulated provider in
+    /// production. The providers' own checks name their key (`providers.sim.base_url`).
+    fn validate_providers(&self) -> Result<(), ConfigError> {
+        let invalid = |e: ProviderConfigError| ConfigError::invalid("providers", e.to_string());
+        for (name, provider) in &self.providers {
+            provider.validate(name).map_err(invalid)?;
         }
-        let db = self.database.url.expose_secret();
-        if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
-            return Err(ConfigError::invalid(
-                "database.url",
-                "must start with postgres:// or postgresql://",
-            ));
-        }
-        db.parse::<sqlx::postgres::PgConnectOptions>()
-            .map_err(|e| ConfigError::invalid("database.url", e.to_string()))?;
-        if self.database.max_connections == 0 {
-            return Err(ConfigError::invalid(
-                "database.max_connections",
-                "must be at least 1",
-            ));
-        }
-        if self.topology.partitions == 0 || self.topology.partitions > 1024 {
-            return Err(ConfigError::invalid(
-                "topology.partitions",
-                "must be between 1 and 1024",
-            ));
-        }
-        if self.topology.prefix.chars().any(char::is_whitespace) {
-            return Err(ConfigError::invalid(
-                "topology.prefix",
-                "must not contain whitespace",
-            ));
-        }
-        let t = &self.tracking;
-        if t.delay_tiers_ms.is_empty() || t.delay_tiers_ms.contains(&0) {
-            return Err(ConfigError::invalid(
-                "tracking.delay_tiers_ms",
-                "needs at least one tier, none of them 0",
-            ));
-        }
-        let mut sorted = t.delay_tiers_ms.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        if sorted != t.delay_tiers_ms {
-            return Err(ConfigError::invalid(
-                "tracking.delay_tiers_ms",
-                "must be strictly increasing",
-            ));
-        }
-        if t.min_interval_ms == 0 {
-            return Err(ConfigError::invalid(
-                "tracking.min_interval_ms",
-                "must be above 0",
-            ));
-        }
-        if t.max_interval_ms < t.min_interval_ms {
-            return Err(ConfigError::invalid(
-                "tracking.max_interval_ms",
-                "must not be below tracking.min_interval_ms",
-            ));
-        }
-        for (key, value) in [
-            ("tracking.concurrency", t.concurrency),
-            ("tracking.per_key_concurrency", t.per_key_concurrency),
-            ("generation.concurrency", self.generation.concurrency),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::invalid(key, "must be at least 1"));
-            }
-        }
-        for (key, value) in [
-            ("tracking.prefetch", t.prefetch),
-            ("generation.prefetch", self.generation.prefetch),
-        ] {
-            if value == 0 {
-                return Err(ConfigError::invalid(
-                    key,
-                    "must be at least 1 (0 means unbounded)",
-                ));
-            }
-        }
-        if t.lease_heartbeat_ms == 0 || t.lease_ttl_ms <= t.lease_heartbeat_ms {
-            return Err(ConfigError::invalid(
-                "tracking.lease_ttl_ms",
-                "must be longer than tracking.lease_heartbeat_ms (and the heartbeat above 0)",
-            ));
-        }
-        let g = &self.generation;
-        let mut sorted = g.retry_tiers_ms.clone();
-        sorted.sort_unstable();
-        sorted.dedup();
-        if g.retry_tiers_ms.is_empty()
-            || g.retry_tiers_ms.contains(&0)
-            || sorted != g.retry_tiers_ms
-        {
-            return Err(ConfigError::invalid(
-                "generation.retry_tiers_ms",
-                "needs at least one tier, strictly increasing, none of them 0",
-            ));
-        }
-        if g.max_message_bytes < 1024 {
-            return Err(ConfigError::invalid(
-                "generation.max_message_bytes",
-                "must be at least 1024",
-            ));
-        }
-        if self.topology.delivery_limit == 0 {
-            return Err(ConfigError::invalid(
-                "topology.delivery_limit",
-                "must be at least 1",
-            ));
-        }
-        if self.generation.submit_max_attempts == 0 {
-            return Err(ConfigError::invalid(
-                "generation.submit_max_attempts",
-                "must be at least 1",
-            ));
-        }
-        if self.outbox.batch_size <= 0 {
-            return Err(ConfigError::invalid(
-                "outbox.batch_size",
-                "must be at least 1",
-            ));
-        }
-        crate::providers::Providers::from_settings(&self.providers, &self.routing)
-            .map_err(|e| ConfigError::invalid("providers", e.to_string()))?;
-        if self.environment == "production" {
-            let routes_to_sim = self.routing.default_provider.as_deref() == Some("sim")
-                || self.routing.models.iter().any(|r| r.provider == "sim");
-            if routes_to_sim {
-                return Err(ConfigError::invalid(
-                    "routing.default_provider",
-                    "routing to the simulated provider `sim` is refused with APP_ENVIRONMENT=production",
-                ));
-            }
-        }
-        Ok(())
+        self.routing.validate(&self.providers).map_err(invalid)?;
+        let routes_to_sim = self.routing.default_provider.as_deref() == Some("sim")
+            || self.routing.models.iter().any(|r| r.provider == "sim");
+        ensure(
+            !(self.environment == "production" && routes_to_sim),
+            "routing.default_provider",
+            "routing to the simulated provider `sim` is refused with APP_ENVIRONMENT=production",
+        )
     }
 
     /// The effective configuration as TOML, secrets redacted (`config check`).
@@ -591,256 +561,4 @@ impl Settings {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::providers::ProviderKind;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
-
-    #[test]
-    fn defaults_load() {
-        let s = Settings::load_from(&[]).expect("defaults are valid");
-        assert_eq!(s.topology.partitions, 16);
-        assert_eq!(s.topology.prefix, "");
-        assert_eq!(
-            s.tracking.delay_tiers_ms,
-            vec![1000, 2000, 5000, 10000, 30000, 60000]
-        );
-        assert_eq!(s.http.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(
-            s.rabbitmq.url.expose_secret(),
-            "amqp://guest:guest@127.0.0.1:5672/%2f"
-        );
-    }
-
-    #[test]
-    fn environment_overrides_nested_keys_and_lists() {
-        let s = Settings::load_from(&env(&[
-            ("APP__TOPOLOGY__PARTITIONS", "32"),
-            ("APP__TOPOLOGY__PREFIX", "x."),
-            ("APP__TRACKING__DELAY_TIERS_MS", "500,1000"),
-            ("APP__RABBITMQ__URLS", "amqp://a:5672/%2f,amqp://b:5672/%2f"),
-            ("APP__PROVIDERS__SIM__BASE_URL", "http://127.0.0.1:9999"),
-        ]))
-        .expect("valid");
-        assert_eq!(s.topology.partitions, 32);
-        assert_eq!(s.topology.prefix, "x.");
-        assert_eq!(s.tracking.delay_tiers_ms, vec![500, 1000]);
-        assert_eq!(s.rabbitmq.node_urls().len(), 2);
-        assert_eq!(s.providers["sim"].base_url, "http://127.0.0.1:9999");
-    }
-
-    #[test]
-    fn bad_values_name_their_key() {
-        let cases = [
-            ("APP__TOPOLOGY__PARTITIONS", "many", "topology.partitions"),
-            ("APP__TOPOLOGY__PARTITIONS", "0", "topology.partitions"),
-            ("APP__HTTP__LISTEN", "nowhere", "http.listen"),
-            ("APP__DATABASE__URL", "mysql://x", "database.url"),
-            ("APP__RABBITMQ__URL", "http://x", "rabbitmq.url"),
-            (
-                "APP__TRACKING__DELAY_TIERS_MS",
-                "2000,1000",
-                "tracking.delay_tiers_ms",
-            ),
-            (
-                "APP__TRACKING__SERIALIZE_BY",
-                "tenant",
-                "tracking.serialize_by",
-            ),
-        ];
-        for (var, value, key) in cases {
-            let err = Settings::load_from(&env(&[(var, value)]))
-                .expect_err(&format!("{var}={value} must fail"))
-                .to_string();
-            assert!(
-                err.contains(key),
-                "{var}={value}: error `{err}` does not name `{key}`"
-            );
-        }
-    }
-
-    #[test]
-    fn tls_urls_are_accepted_for_the_broker_and_the_database() {
-        let s = Settings::load_from(&env(&[
-            (
-                "APP__RABBITMQ__URL",
-                "amqps://user:pw@rabbit.example:5671/%2f",
-            ),
-            (
-                "APP__DATABASE__URL",
-                "postgres://app@db.example:5432/video?sslmode=require",
-            ),
-        ]))
-        .expect("TLS URLs are valid");
-        let amqp: lapin::uri::AMQPUri = s.rabbitmq.url.expose_secret().parse().unwrap();
-        assert_eq!(amqp.scheme, lapin::uri::AMQPScheme::AMQPS);
-        assert_eq!(amqp.authority.port, 5671);
-        let pg = crate::store::connect_options(&s.database).unwrap();
-        assert!(matches!(
-            pg.get_ssl_mode(),
-            sqlx::postgres::PgSslMode::Require
-        ));
-    }
-
-    #[test]
-    fn production_refuses_the_simulated_provider() {
-        let err = Settings::load_from(&env(&[("APP_ENVIRONMENT", "production")]))
-            .expect_err("sim in production")
-            .to_string();
-        assert!(err.contains("sim"), "{err}");
-    }
-
-    /// Settings from TOML texts alone (later wins), checked like `load_from` checks them.
-    fn from_toml(texts: &[&str]) -> Settings {
-        let mut builder = config::Config::builder();
-        for text in texts {
-            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Toml));
-        }
-        let settings: Settings = builder
-            .build()
-            .expect("TOML loads")
-            .try_deserialize()
-            .expect("TOML has every key");
-        settings.validate().expect("valid");
-        settings
-    }
-
-    #[test]
-    fn redacted_output_loads_back_as_the_same_configuration() {
-        // Away from every default, so a value that is dropped or misspelt cannot pass.
-        let overrides = r#"
-            [rabbitmq]
-            urls = ["amqp://u:pw-a@a:5672/%2f", "amqps://b.example:5671/vhost"]
-            [database]
-            url = "postgres://app:pw-db@db.example:5432/video?sslmode=require"
-            max_connections = 3
-            [topology]
-            prefix = "x."
-            partitions = 4
-            [http]
-            listen = "0.0.0.0:9090"
-            [log]
-            format = "pretty"
-            [tracking]
-            serialize_by = "virtual_key"
-            delay_tiers_ms = [500, 1500]
-            [webhooks]
-            secret = "whsec"
-            allowed_hosts = ["hooks.internal", "10.0.0.7"]
-            include_progress = true
-            [providers.rep]
-            kind = "replicate"
-            base_url = "https://api.replicate.com"
-            api_key = "r8-key"
-            cancel_deletes = true
-            [routing]
-            default_provider = "rep"
-            [[routing.models]]
-            model = "veo-3"
-            provider = "sim"
-        "#;
-        let original = from_toml(&[DEFAULT_TOML, overrides]);
-        let text = original.redacted().expect("renders");
-        text.parse::<toml::Table>()
-            .unwrap_or_else(|e| panic!("not TOML: {e}\n{text}"));
-
-        // The output alone, no defaults underneath: it must be a complete config file.
-        let reloaded = from_toml(&[&text]);
-        // Every non-secret value survives; secrets come back as their redacted form.
-        assert_eq!(reloaded.redacted().expect("renders"), text);
-        assert_eq!(reloaded.topology.prefix, "x.");
-        assert_eq!(reloaded.topology.partitions, 4);
-        assert_eq!(reloaded.database.max_connections, 3);
-        assert_eq!(reloaded.http.listen, original.http.listen);
-        assert_eq!(reloaded.log.format, LogFormat::Pretty);
-        assert_eq!(reloaded.tracking.serialize_by, SerializeBy::VirtualKey);
-        assert_eq!(reloaded.tracking.delay_tiers_ms, vec![500, 1500]);
-        assert_eq!(
-            reloaded.webhooks.allowed_hosts,
-            original.webhooks.allowed_hosts
-        );
-        assert!(reloaded.webhooks.include_progress);
-        let rep = &reloaded.providers["rep"];
-        assert_eq!(rep.kind, ProviderKind::Replicate);
-        assert!(rep.cancel_deletes);
-        assert_eq!(reloaded.providers.len(), original.providers.len());
-        assert_eq!(reloaded.routing.default_provider.as_deref(), Some("rep"));
-        assert_eq!(reloaded.routing.models.len(), 1);
-        assert_eq!(reloaded.routing.models[0].model, "veo-3");
-        assert_eq!(
-            reloaded.database.url.expose_secret(),
-            "postgres://app:***@db.example:5432/video?sslmode=require"
-        );
-        let urls: Vec<_> = reloaded
-            .rabbitmq
-            .urls
-            .iter()
-            .map(|u| u.expose_secret().to_owned())
-            .collect();
-        assert_eq!(
-            urls,
-            ["amqp://u:***@a:5672/%2f", "amqps://b.example:5671/vhost"]
-        );
-    }
-
-    #[test]
-    fn redacted_output_hides_every_secret() {
-        let s = Settings::load_from(&env(&[
-            (
-                "APP__RABBITMQ__URL",
-                "amqp://guest:rabbit-pw@127.0.0.1:5672/%2f",
-            ),
-            ("APP__DATABASE__URL", "postgres://u:hunter2@h/db"),
-            ("APP__PROVIDERS__SIM__API_KEY", "sk-secret-123"),
-            ("APP__WEBHOOKS__SECRET", "whsec-topsecret-456"),
-        ]))
-        .expect("valid");
-        let text = s.redacted().expect("renders");
-        for secret in [
-            "rabbit-pw",
-            "hunter2",
-            "sk-secret-123",
-            "whsec-topsecret-456",
-        ] {
-            assert!(!text.contains(secret), "`{secret}` leaked:\n{text}");
-        }
-        assert!(text.contains(r#"url = "postgres://u:***@h/db""#), "{text}");
-        assert!(
-            text.contains(r#"url = "amqp://guest:***@127.0.0.1:5672/%2f""#),
-            "{text}"
-        );
-        assert!(text.contains(r#"secret = "[REDACTED]""#), "{text}");
-        assert!(text.contains(r#"api_key = "[REDACTED]""#), "{text}");
-    }
-
-    #[test]
-    fn an_unset_secret_prints_empty_so_it_shows_as_missing() {
-        let s = Settings::load_from(&[]).expect("defaults are valid");
-        let text = s.redacted().expect("renders");
-        assert!(text.contains("secret = \"\"\n"), "{text}");
-    }
-
-    #[test]
-    fn urls_lose_only_their_password() {
-        assert_eq!(
-            redact_url("amqps://user:s3cret@rabbit.example:5671/%2f"),
-            "amqps://user:***@rabbit.example:5671/%2f"
-        );
-        assert_eq!(
-            redact_url("postgres://app@db.example/video?sslmode=require"),
-            "postgres://app@db.example/video?sslmode=require",
-            "no password: unchanged"
-        );
-        assert_eq!(
-            redact_url("postgres://app@db.example/video?password=s3cret&sslmode=require"),
-            "postgres://app@db.example/video?password=***&sslmode=require"
-        );
-        assert_eq!(redact_url("not a url s3cret"), "[REDACTED]");
-    }
-}
+mod tests;

@@ -38,6 +38,7 @@ pub mod messages;
 pub mod partitions;
 pub mod progress_tracking;
 pub mod providers;
+mod redact;
 pub mod relay;
 pub mod store;
 pub mod sweeper;

@@ -23,8 +23,8 @@ use tracing::{debug, info, warn};
 mod consumer;
 mod trace;
 
-pub use crate::config::redact_url;
 use crate::messages::Envelope;
+pub use crate::redact::redact_url;
 use crate::topology::{Topology, TopologyError, VIRTUAL_KEY_HEADER};
 pub use consumer::{
     consume, delivery_span, ConsumerSpec, Handler, Incoming, Outcome, RetryScheduled,

@@ -14,11 +14,12 @@ use chrono::{DateTime, Utc};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
+use super::transport::{bad_body, path_segment, HttpTransport, Operation, Request};
 use super::{
-    bad_body, path_segment, CancelOutcome, HttpTransport, Operation, ProviderConfigError,
-    ProviderError, ProviderSettings, ProviderState, ProviderStatus, ProviderTask, SubmitRequest,
-    VideoProvider,
+    CancelOutcome, ProviderConfigError, ProviderError, ProviderSettings, ProviderState,
+    ProviderStatus, ProviderTask, SubmitRequest, VideoProvider,
 };
+use crate::messages::truncate;
 
 /// A provider speaking the OpenAI-compatible Videos API.
 #[derive(Debug)]
@@ -69,12 +70,6 @@ struct VideoError {
     message: Option<String>,
 }
 
-/// Just the id of a freshly created video.
-#[derive(Debug, Deserialize)]
-struct Created {
-    id: String,
-}
-
 /// Parses a `video` object (the body of `GET /v1/videos/{id}`).
 ///
 /// `base_url` is the provider's base URL (without `/v1`); on success the reported `video_url` is
@@ -95,7 +90,7 @@ pub fn parse_video(body: &[u8], base_url: &str) -> Result<ProviderStatus, Provid
             return Err(ProviderError::permanent(format!(
                 "openai video object {}: unknown status \"{}\" (expected queued, in_progress, completed or failed)",
                 video.id,
-                super::truncate(other, 50)
+                truncate(other, 50)
             )))
         }
     };
@@ -165,35 +160,12 @@ impl VideoProvider for OpenAiVideosProvider {
         if let Some(size) = &request.size {
             body["size"] = serde_json::Value::String(size.clone());
         }
-        let response = self
+        let created = self
             .transport
-            .send(
-                Operation::Submit,
-                Method::POST,
-                "/v1/videos",
-                Some(&body),
-                request.traceparent.as_deref(),
-            )
+            .submit("/v1/videos", &body, request.traceparent.as_deref(), "video")
             .await?;
-        let created: Created = serde_json::from_slice(&response.body).map_err(|e| {
-            let error = bad_body(
-                &format!("{}: POST /v1/videos", self.transport.name()),
-                &response.body,
-                &e,
-            );
-            self.transport.record_error(Operation::Submit, &error);
-            error
-        })?;
-        if created.id.is_empty() {
-            let error = ProviderError::permanent(format!(
-                "{}: POST /v1/videos: the created video has an empty id",
-                self.transport.name()
-            ));
-            self.transport.record_error(Operation::Submit, &error);
-            return Err(error);
-        }
         tracing::debug!(provider = %self.transport.name(), request_id = %request.request_id, video_id = %created.id, "video submitted");
-        Ok(ProviderTask { id: created.id })
+        Ok(created)
     }
 
     async fn status(
@@ -201,21 +173,11 @@ impl VideoProvider for OpenAiVideosProvider {
         task: &ProviderTask,
         traceparent: Option<&str>,
     ) -> Result<ProviderStatus, ProviderError> {
-        let response = self
-            .transport
-            .send(
-                Operation::Status,
-                Method::GET,
-                &Self::video_path(&task.id),
-                None,
-                traceparent,
-            )
-            .await?;
-        parse_video(&response.body, self.transport.base_url()).map_err(|error| {
-            let error = error.context(self.transport.name());
-            self.transport.record_error(Operation::Status, &error);
-            error
-        })
+        let path = Self::video_path(&task.id);
+        let base_url = self.transport.base_url();
+        self.transport
+            .status(&path, traceparent, |body| parse_video(body, base_url))
+            .await
     }
 
     async fn cancel(&self, task: &ProviderTask) -> Result<CancelOutcome, ProviderError> {
@@ -223,14 +185,11 @@ impl VideoProvider for OpenAiVideosProvider {
             return Ok(CancelOutcome::Unsupported);
         }
         // A 404 means the video is already gone, which is what we wanted.
+        let path = Self::video_path(&task.id);
         self.transport
-            .send_accepting(
-                Operation::Cancel,
-                Method::DELETE,
-                &Self::video_path(&task.id),
-                None,
-                None,
-                &[StatusCode::NOT_FOUND],
+            .send(
+                Request::new(Operation::Cancel, Method::DELETE, &path)
+                    .accepting(&[StatusCode::NOT_FOUND]),
             )
             .await?;
         Ok(CancelOutcome::Cancelled)

@@ -19,11 +19,12 @@ use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde::Deserialize;
 
+use super::transport::{bad_body, path_segment, HttpTransport, Operation, Request};
 use super::{
-    bad_body, path_segment, CancelOutcome, HttpTransport, Operation, ProviderConfigError,
-    ProviderError, ProviderSettings, ProviderState, ProviderStatus, ProviderTask, SubmitRequest,
-    VideoProvider,
+    CancelOutcome, ProviderConfigError, ProviderError, ProviderSettings, ProviderState,
+    ProviderStatus, ProviderTask, SubmitRequest, VideoProvider,
 };
+use crate::messages::truncate;
 
 /// How long Replicate keeps the output files of an API prediction after it completes.
 pub const OUTPUT_RETENTION: chrono::TimeDelta = chrono::TimeDelta::hours(1);
@@ -64,11 +65,6 @@ struct Prediction {
     completed_at: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
-struct Created {
-    id: String,
-}
-
 /// Parses a prediction object (the body of `GET /v1/predictions/{id}`).
 ///
 /// # Errors
@@ -88,7 +84,7 @@ pub fn parse_prediction(body: &[u8]) -> Result<ProviderStatus, ProviderError> {
             return Err(ProviderError::permanent(format!(
                 "replicate prediction {}: unknown status \"{}\" (expected starting, processing, succeeded, failed, canceled or aborted)",
                 prediction.id,
-                super::truncate(other, 50)
+                truncate(other, 50)
             )))
         }
     };
@@ -199,35 +195,17 @@ impl VideoProvider for ReplicateProvider {
             input["duration"] = serde_json::Value::from(duration);
         }
         let body = serde_json::json!({ "version": request.model, "input": input });
-        let response = self
+        let created = self
             .transport
-            .send(
-                Operation::Submit,
-                Method::POST,
+            .submit(
                 "/v1/predictions",
-                Some(&body),
+                &body,
                 request.traceparent.as_deref(),
+                "prediction",
             )
             .await?;
-        let created: Created = serde_json::from_slice(&response.body).map_err(|e| {
-            let error = bad_body(
-                &format!("{}: POST /v1/predictions", self.transport.name()),
-                &response.body,
-                &e,
-            );
-            self.transport.record_error(Operation::Submit, &error);
-            error
-        })?;
-        if created.id.is_empty() {
-            let error = ProviderError::permanent(format!(
-                "{}: POST /v1/predictions: the created prediction has an empty id",
-                self.transport.name()
-            ));
-            self.transport.record_error(Operation::Submit, &error);
-            return Err(error);
-        }
         tracing::debug!(provider = %self.transport.name(), request_id = %request.request_id, prediction_id = %created.id, "prediction submitted");
-        Ok(ProviderTask { id: created.id })
+        Ok(created)
     }
 
     async fn status(
@@ -236,21 +214,15 @@ impl VideoProvider for ReplicateProvider {
         traceparent: Option<&str>,
     ) -> Result<ProviderStatus, ProviderError> {
         let path = format!("/v1/predictions/{}", path_segment(&task.id));
-        let response = self
-            .transport
-            .send(Operation::Status, Method::GET, &path, None, traceparent)
-            .await?;
-        parse_prediction(&response.body).map_err(|error| {
-            let error = error.context(self.transport.name());
-            self.transport.record_error(Operation::Status, &error);
-            error
-        })
+        self.transport
+            .status(&path, traceparent, parse_prediction)
+            .await
     }
 
     async fn cancel(&self, task: &ProviderTask) -> Result<CancelOutcome, ProviderError> {
         let path = format!("/v1/predictions/{}/cancel", path_segment(&task.id));
         self.transport
-            .send(Operation::Cancel, Method::POST, &path, None, None)
+            .send(Request::new(Operation::Cancel, Method::POST, &path))
             .await?;
         Ok(CancelOutcome::Cancelled)
     }

@@ -1,0 +1,453 @@
+//! The HTTP side both adapters share: the client, base URL, key, concurrency limit, how a
+//! response becomes a [`ProviderError`], and the metrics. Each adapter only knows its paths and
+//! bodies.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+
+use super::{ProviderConfigError, ProviderError, ProviderSettings, ProviderTask};
+use crate::messages::truncate;
+
+/// The provider call being made, for metrics labels and error messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Operation {
+    Submit,
+    Status,
+    Cancel,
+}
+
+impl Operation {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Submit => "submit",
+            Self::Status => "status",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
+/// One request to a provider: what to send, and which non-2xx statuses still count as success.
+#[derive(Debug, Clone)]
+pub(crate) struct Request<'a> {
+    operation: Operation,
+    method: Method,
+    /// Starts with `/`; its variable segments are already escaped ([`path_segment`]).
+    path: &'a str,
+    body: Option<&'a serde_json::Value>,
+    traceparent: Option<&'a str>,
+    also_ok: &'a [StatusCode],
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn new(operation: Operation, method: Method, path: &'a str) -> Self {
+        Self {
+            operation,
+            method,
+            path,
+            body: None,
+            traceparent: None,
+            also_ok: &[],
+        }
+    }
+
+    /// Sends `body` as JSON.
+    fn json(mut self, body: &'a serde_json::Value) -> Self {
+        self.body = Some(body);
+        self
+    }
+
+    /// Sends the W3C trace context as the `traceparent` header, when there is one.
+    fn traceparent(mut self, traceparent: Option<&'a str>) -> Self {
+        self.traceparent = traceparent;
+        self
+    }
+
+    /// Returns these non-2xx statuses as responses rather than errors (e.g. 404 on a delete that
+    /// already happened).
+    pub(crate) fn accepting(mut self, statuses: &'a [StatusCode]) -> Self {
+        self.also_ok = statuses;
+        self
+    }
+
+    /// `METHOD /path`, for error messages.
+    fn describe(&self) -> String {
+        format!("{} {}", self.method.as_str(), self.path)
+    }
+}
+
+/// One provider's HTTP client and limits; see the module documentation.
+pub(crate) struct HttpTransport {
+    name: String,
+    base_url: String,
+    authorization: Option<HeaderValue>,
+    client: reqwest::Client,
+    timeout: Duration,
+    /// Why a semaphore and not only a connection pool limit: the pool limits idle connections,
+    /// not requests in flight; the provider's own rate limits are about requests in flight.
+    permits: Semaphore,
+    max_concurrency: usize,
+}
+
+impl fmt::Debug for HttpTransport {
+    // Written by hand so the key can never appear, whatever `HeaderValue` prints in the future.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpTransport")
+            .field("name", &self.name)
+            .field("base_url", &self.base_url)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field("timeout", &self.timeout)
+            .field("max_concurrency", &self.max_concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The body of a response that creates a job, reduced to the job's id.
+#[derive(Debug, Deserialize)]
+struct Created {
+    id: String,
+}
+
+impl HttpTransport {
+    /// Validates the settings of provider `name` and builds its client.
+    ///
+    /// # Errors
+    /// [`ProviderConfigError`] naming `providers.<name>.<key>`.
+    pub(crate) fn new(
+        name: &str,
+        settings: &ProviderSettings,
+    ) -> Result<Self, ProviderConfigError> {
+        settings.validate(name)?;
+        let authorization = settings.authorization(name)?;
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .user_agent(concat!("video-orchestrator/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|source| ProviderConfigError::HttpClient {
+                name: name.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            name: name.to_owned(),
+            base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            authorization,
+            client,
+            timeout,
+            permits: Semaphore::new(settings.max_concurrency),
+            max_concurrency: settings.max_concurrency,
+        })
+    }
+
+    /// The configuration name of the provider.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The base URL without a trailing slash.
+    pub(crate) fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    /// Sends one request and classifies the outcome, recording the duration and error metrics;
+    /// returns the body of a successful response.
+    ///
+    /// Non-2xx statuses become errors here (with the provider's message when the body carries
+    /// one), so adapters only parse success bodies.
+    ///
+    /// # Errors
+    /// Transient for connection failures, timeouts (including waiting longer than the timeout for
+    /// a concurrency permit), 408, 429 and 5xx; permanent for other non-2xx statuses.
+    pub(crate) async fn send(&self, request: Request<'_>) -> Result<Vec<u8>, ProviderError> {
+        let operation = request.operation;
+        let result = self.send_within_limits(request).await;
+        if let Err(error) = &result {
+            self.record_error(operation, error);
+        }
+        result
+    }
+
+    /// `POST path` with `body`, creating a job; returns the job's `id` from the answer.
+    /// `created` names the job in errors ("video", "prediction").
+    ///
+    /// # Errors
+    /// As [`HttpTransport::send`]; permanent when the answer has no id or an empty one.
+    pub(crate) async fn submit(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        traceparent: Option<&str>,
+        created: &str,
+    ) -> Result<ProviderTask, ProviderError> {
+        let request = Request::new(Operation::Submit, Method::POST, path)
+            .json(body)
+            .traceparent(traceparent);
+        let what = request.describe();
+        self.send_parsed(request, |body| {
+            let Created { id } =
+                serde_json::from_slice(body).map_err(|e| bad_body(&what, body, &e))?;
+            if id.is_empty() {
+                return Err(ProviderError::permanent(format!(
+                    "{what}: the created {created} has an empty id"
+                )));
+            }
+            Ok(ProviderTask { id })
+        })
+        .await
+    }
+
+    /// `GET path`, the job's status, read from the answer with `parse`.
+    ///
+    /// # Errors
+    /// As [`HttpTransport::send`], or the error of `parse`.
+    pub(crate) async fn status<T>(
+        &self,
+        path: &str,
+        traceparent: Option<&str>,
+        parse: impl FnOnce(&[u8]) -> Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        let request = Request::new(Operation::Status, Method::GET, path).traceparent(traceparent);
+        self.send_parsed(request, parse).await
+    }
+
+    /// Sends one request and reads the success body with `parse`; a parse error is prefixed with
+    /// the provider's name and counted like any other error.
+    async fn send_parsed<T>(
+        &self,
+        request: Request<'_>,
+        parse: impl FnOnce(&[u8]) -> Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
+        let operation = request.operation;
+        let body = self.send(request).await?;
+        parse(&body).map_err(|error| {
+            let error = error.context(&self.name);
+            self.record_error(operation, &error);
+            error
+        })
+    }
+
+    fn record_error(&self, operation: Operation, error: &ProviderError) {
+        metrics::counter!(
+            "video_provider_errors_total",
+            "provider" => self.name.clone(),
+            "operation" => operation.label(),
+            "kind" => error.kind_label(),
+        )
+        .increment(1);
+        tracing::debug!(provider = %self.name, operation = operation.label(), %error, "provider call failed");
+    }
+
+    async fn send_within_limits(&self, request: Request<'_>) -> Result<Vec<u8>, ProviderError> {
+        // Bounded wait: a saturated provider should surface as a retryable error, not as callers
+        // piling up behind the semaphore forever.
+        let _permit = match tokio::time::timeout(self.timeout, self.permits.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => {
+                return Err(ProviderError::permanent(format!(
+                    "{}: {}: provider is shut down",
+                    self.name,
+                    request.describe()
+                )))
+            }
+            Err(_elapsed) => {
+                return Err(ProviderError::Transient {
+                    message: format!(
+                        "{}: {}: no free slot among max_concurrency={} within {:?}",
+                        self.name,
+                        request.describe(),
+                        self.max_concurrency,
+                        self.timeout
+                    ),
+                    retry_after: None,
+                })
+            }
+        };
+        let operation = request.operation;
+        let started = Instant::now();
+        let result = self.exchange(request).await;
+        metrics::histogram!(
+            "video_provider_request_duration_seconds",
+            "provider" => self.name.clone(),
+            "operation" => operation.label(),
+        )
+        .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn exchange(&self, request: Request<'_>) -> Result<Vec<u8>, ProviderError> {
+        let what = format!("{}: {}", self.name, request.describe());
+        let mut url = String::with_capacity(self.base_url.len() + request.path.len());
+        url.push_str(&self.base_url);
+        url.push_str(request.path);
+        let mut builder = self.client.request(request.method, url);
+        if let Some(authorization) = &self.authorization {
+            builder = builder.header(AUTHORIZATION, authorization.clone());
+        }
+        if let Some(traceparent) = request.traceparent {
+            if let Ok(value) = HeaderValue::from_str(traceparent) {
+                builder = builder.header("traceparent", value);
+            }
+        }
+        if let Some(body) = request.body {
+            builder = builder.json(body);
+        }
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| classify_reqwest(&what, &e))?;
+        let status = response.status();
+        let retry_after = parse_retry_after(response.headers());
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| classify_reqwest(&what, &e))?;
+        if status.is_success() || request.also_ok.contains(&status) {
+            return Ok(bytes.to_vec());
+        }
+        let message = format!("{what}: HTTP {status}: {}", error_summary(&bytes));
+        if is_transient_status(status) {
+            Err(ProviderError::Transient {
+                message,
+                retry_after,
+            })
+        } else {
+            Err(ProviderError::Permanent { message })
+        }
+    }
+}
+
+fn is_transient_status(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status.is_server_error()
+}
+
+/// Everything reqwest reports while sending or reading is a network-level failure (connect,
+/// timeout, reset mid-body) and so worth retrying, except a request we could not even build.
+fn classify_reqwest(what: &str, error: &reqwest::Error) -> ProviderError {
+    // `{:#}`-like chain: reqwest's Display hides the cause (e.g. "connection refused").
+    let mut message = format!("{what}: {error}");
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    if error.is_builder() {
+        ProviderError::Permanent { message }
+    } else {
+        ProviderError::Transient {
+            message,
+            retry_after: None,
+        }
+    }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3).
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let delta = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The provider's own words from an error body: OpenAI's `error.message`, Replicate's
+/// `detail`/`title`, or else the start of the raw body.
+fn error_summary(body: &[u8]) -> String {
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
+        let message = value
+            .pointer("/error/message")
+            .or_else(|| value.get("detail"))
+            .or_else(|| value.get("error"))
+            .or_else(|| value.get("title"))
+            .or_else(|| value.get("message"));
+        match message {
+            Some(serde_json::Value::String(text)) => return truncate(text, 500),
+            Some(serde_json::Value::Null) | None => {}
+            Some(other) => return truncate(&other.to_string(), 500),
+        }
+    }
+    if body.is_empty() {
+        return "(empty body)".to_owned();
+    }
+    truncate(&String::from_utf8_lossy(body), 200)
+}
+
+/// A body that did not parse: permanent (asking again gets the same body), and descriptive.
+pub(crate) fn bad_body(what: &str, body: &[u8], error: &serde_json::Error) -> ProviderError {
+    ProviderError::permanent(format!(
+        "{what}: unexpected response body ({error}): {}",
+        if body.is_empty() {
+            "(empty body)".to_owned()
+        } else {
+            truncate(&String::from_utf8_lossy(body), 200)
+        }
+    ))
+}
+
+/// Escapes a provider id for use as one path segment, so an odd id cannot change the path.
+pub(crate) fn path_segment(id: &str) -> String {
+    url::form_urlencoded::byte_serialize(id.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_accepts_seconds_and_http_dates() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(7)));
+
+        let later = chrono::Utc::now() + chrono::Duration::seconds(30);
+        let date = later.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+        headers.insert(RETRY_AFTER, HeaderValue::from_str(&date).expect("header"));
+        let parsed = parse_retry_after(&headers).expect("date parses");
+        assert!(parsed > Duration::from_secs(25) && parsed <= Duration::from_secs(30));
+
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(parse_retry_after(&headers), None);
+    }
+
+    #[test]
+    fn error_summary_prefers_the_providers_message() {
+        assert_eq!(
+            error_summary(br#"{"error":{"message":"bad size","type":"invalid_request_error"}}"#),
+            "bad size"
+        );
+        assert_eq!(
+            error_summary(
+                br#"{"title":"Invalid version","detail":"no such version","status":422}"#
+            ),
+            "no such version"
+        );
+        assert_eq!(error_summary(b"<html>oops</html>"), "<html>oops</html>");
+        assert_eq!(error_summary(b""), "(empty body)");
+    }
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(path_segment("video_abc"), "video_abc");
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
+    }
+
+    #[test]
+    fn truncate_respects_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h…");
+        assert_eq!(truncate("abc", 5), "abc");
+    }
+}
