@@ -6,7 +6,7 @@ use anyhow::Context;
 
 use super::report::Integrity;
 use super::service::ServiceProc;
-use super::{db, say, Ctx};
+use super::{say, Ctx};
 
 /// Counts dead chains, reads the service's counters, stops it (SIGTERM: in-flight checks finish),
 /// compares provider calls with the rows, and retires the tasks.
@@ -45,7 +45,7 @@ async fn dead_chains(
     tag: &str,
     since: chrono::DateTime<chrono::Utc>,
 ) -> anyhow::Result<u64> {
-    let n = db::count_stalled_chains(&ctx.store, tag, since).await?;
+    let n = ctx.store.count_stalled_chains(tag, since).await?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
@@ -61,7 +61,7 @@ async fn double_processed(ctx: &Ctx, tag: &str) -> anyhow::Result<u64> {
         .as_object()
         .context("/sim/stats without statusCallsByJob")?;
     let mut extra = 0u64;
-    for row in db::recorded_checks(&ctx.store, tag).await? {
+    for row in ctx.store.recorded_checks(tag).await? {
         let Some(job) = row.provider_task_id else {
             continue;
         };
@@ -78,6 +78,6 @@ async fn double_processed(ctx: &Ctx, tag: &str) -> anyhow::Result<u64> {
 
 /// Stops every chain of `tag` (as a terminal transition would), so later sweepers leave them.
 async fn retire(ctx: &Ctx, tag: &str) -> anyhow::Result<()> {
-    db::stop_tracking_tag(&ctx.store, tag).await?;
+    ctx.store.stop_tracking_tag(tag).await?;
     Ok(())
 }

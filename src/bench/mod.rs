@@ -48,7 +48,6 @@
 
 mod baseline;
 mod child;
-mod db;
 mod integrity;
 mod memory;
 mod procfs;
@@ -66,10 +65,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use lapin::{Connection, ConnectionProperties};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 
 use crate::config::Settings;
-use crate::store::Store;
+use crate::store::{ScratchDatabase, Store};
 use crate::topology::Topology;
 
 pub use memory::{memory_interval_ms, memory_tiers};
@@ -124,8 +123,8 @@ impl BenchOptions {
 struct Ctx {
     /// The bench's settings: the configuration with the run's database.
     settings: Settings,
-    /// The configuration as loaded (maintenance database), for clean-up.
-    base_settings: Settings,
+    /// The run's own database, dropped at the end.
+    scratch: ScratchDatabase,
     options: BenchOptions,
     tenants: usize,
     run_id: String,
@@ -186,37 +185,6 @@ fn say(msg: impl AsRef<str>) {
     eprintln!("bench: {}", msg.as_ref());
 }
 
-fn database_url(settings: &Settings, name: &str) -> anyhow::Result<String> {
-    let mut url = url::Url::parse(settings.database.url.expose_secret())
-        .context("database.url is not a URL")?;
-    url.set_path(&format!("/{name}"));
-    Ok(url.to_string())
-}
-
-async fn create_database(settings: &Settings, name: &str) -> anyhow::Result<()> {
-    let opts = crate::store::connect_options(&settings.database)?;
-    let mut conn = db::ServerConnection::open(&opts).await.with_context(|| {
-        format!(
-            "PostgreSQL is not reachable at {} (start it, or set APP__DATABASE__URL)",
-            crate::app::describe_targets(settings).1
-        )
-    })?;
-    conn.create_database(name)
-        .await
-        .with_context(|| format!("creating the bench database {name}"))?;
-    conn.close().await;
-    Ok(())
-}
-
-async fn drop_database(settings: &Settings, name: &str) {
-    if let Ok(opts) = crate::store::connect_options(&settings.database) {
-        if let Ok(mut conn) = db::ServerConnection::open(&opts).await {
-            let _ = conn.drop_database(name).await;
-            conn.close().await;
-        }
-    }
-}
-
 async fn raw_connection(settings: &Settings, name: &str) -> anyhow::Result<Connection> {
     let url = settings.rabbitmq.node_urls()[0].clone();
     Connection::connect(
@@ -246,20 +214,28 @@ pub async fn run(settings: Settings, options: BenchOptions) -> anyhow::Result<Be
     // Fail fast with the hint before creating anything.
     let probe = raw_connection(&settings, "video-orchestrator-bench probe").await?;
     let _ = probe.close(200, "probe".into()).await;
-    create_database(&settings, &database).await?;
+    if !ScratchDatabase::server_answers(&settings.database, Duration::from_secs(5)).await {
+        anyhow::bail!(
+            "PostgreSQL is not reachable at {} (start it, or set APP__DATABASE__URL)",
+            crate::app::describe_targets(&settings).1
+        );
+    }
+    let scratch = ScratchDatabase::create(&settings.database, &database)
+        .await
+        .with_context(|| format!("creating the bench database {database}"))?;
     let mut bench_settings = settings.clone();
-    bench_settings.database.url = SecretString::from(database_url(&settings, &database)?);
+    bench_settings.database.url = scratch.url()?;
     let store = match Store::connect(&bench_settings.database).await {
         Ok(s) => s,
         Err(e) => {
-            drop_database(&settings, &database).await;
+            scratch.remove().await;
             return Err(e).context("connecting to the bench database");
         }
     };
     let mut ctx = Ctx {
         tenants: options.tenants.max(1),
         settings: bench_settings,
-        base_settings: settings,
+        scratch,
         options,
         run_id,
         exe: std::env::current_exe().context("locating this executable")?,
@@ -293,8 +269,8 @@ async fn cleanup(ctx: &Ctx) {
         }
         let _ = conn.close(200, "bench over".into()).await;
     }
-    db::close(&ctx.store).await;
-    drop_database(&ctx.base_settings, &ctx.database).await;
+    ctx.store.close().await;
+    ctx.scratch.remove().await;
 }
 
 /// The phases in order, with the simulated provider up for all of them.

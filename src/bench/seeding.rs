@@ -7,7 +7,7 @@ use anyhow::Context;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{db, Ctx};
+use super::Ctx;
 use crate::broker::{Broker, BrokerOptions, Publisher};
 use crate::messages::{Meta, VideoProgressCheckRequested};
 use crate::topology::Topology;
@@ -103,7 +103,8 @@ async fn insert_tasks(
             .collect();
         let offsets: Vec<f64> =
             offsets_secs[chunk_no * 5000..chunk_no * 5000 + chunk.len()].to_vec();
-        db::insert_processing_tasks(&ctx.store, &ids, &keys, chunk, &offsets)
+        ctx.store
+            .insert_processing_tasks(&ids, &keys, chunk, &offsets)
             .await
             .context("seeding video_tasks")?;
         seeded.extend(

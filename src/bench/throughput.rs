@@ -11,7 +11,7 @@ use super::ramp::{climb, fastest};
 use super::report::{Integrity, ServiceWindow};
 use super::seeding::{JobPool, Seeded, Seeder};
 use super::service::ServiceProc;
-use super::{db, say, Ctx};
+use super::{say, Ctx};
 
 /// Request ids of this phase's tasks are `thr-<index>`.
 const TAG: &str = "thr";
@@ -137,7 +137,7 @@ async fn half_rate(
         .filter(|(i, _)| !kept.contains(i))
         .map(|(_, t)| t.request_id.clone())
         .collect();
-    db::stop_tracking(&ctx.store, &stop_ids).await?;
+    ctx.store.stop_tracking(&stop_ids).await?;
     // Stopped chains die on their next arrival; the backlog of saturation drains.
     tokio::time::sleep(ctx.options.warmup + Duration::from_secs(3)).await;
     let started_at = chrono::Utc::now();

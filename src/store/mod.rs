@@ -10,6 +10,7 @@
 //! [`UnitOfWork`].
 
 mod api_keys;
+mod bench;
 mod checks;
 mod leases;
 mod outbox;
@@ -31,6 +32,7 @@ use sqlx::PgPool;
 use crate::config::DatabaseSettings;
 
 pub use api_keys::ApiKeyRecord;
+pub use bench::RecordedChecks;
 pub use checks::CheckAdvance;
 use checks::CheckBatches;
 pub use leases::LeaseScope;

@@ -47,6 +47,11 @@ impl ScratchDatabase {
         })
     }
 
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The configured URL with this database's name in its path.
     ///
     /// # Errors
@@ -60,7 +65,7 @@ impl ScratchDatabase {
 
     /// Drops the database, disconnecting whoever is still in it; best effort (a server that is
     /// gone keeps it, and the next run uses a new name).
-    pub async fn remove(self) {
+    pub async fn remove(&self) {
         let Ok(opts) = connect_options(&self.settings) else {
             return;
         };
