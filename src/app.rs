@@ -12,7 +12,6 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -375,17 +374,4 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
-}
-
-/// A short description of where the service connects, passwords removed (for start-up errors).
-pub fn describe_targets(settings: &Settings) -> (String, String) {
-    let rabbit = settings
-        .rabbitmq
-        .node_urls()
-        .iter()
-        .map(|u| crate::broker::redact_url(u.expose_secret()))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let db = crate::broker::redact_url(settings.database.url.expose_secret());
-    (rabbit, db)
 }

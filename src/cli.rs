@@ -10,9 +10,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{describe_targets, shutdown_signal, Application, Role, StartError};
+use crate::app::{shutdown_signal, Application, Role, StartError};
 use crate::broker::{Broker, BrokerOptions, Publisher};
-use crate::config::{LogFormat, Settings};
+use crate::config::{LogFormat, Settings, Targets};
 use crate::messages::Envelope;
 use crate::store::{Store, TaskView};
 use crate::topology::Topology;
@@ -483,7 +483,10 @@ fn load_settings() -> anyhow::Result<Settings> {
 }
 
 fn start_hint(e: &StartError, settings: &Settings) -> String {
-    let (rabbit, db) = describe_targets(settings);
+    let Targets {
+        rabbitmq: rabbit,
+        database: db,
+    } = settings.targets();
     match e {
         StartError::Broker(crate::broker::BrokerError::Connect { .. }) => format!(
             "RabbitMQ is not reachable at {rabbit}.\n  Start it (`docker compose up -d rabbitmq`, or \
@@ -504,7 +507,7 @@ async fn connect_broker(settings: &Settings) -> anyhow::Result<Arc<Broker>> {
         .with_context(|| {
             format!(
                 "RabbitMQ at {} (start it with `docker compose up -d rabbitmq` or set APP__RABBITMQ__URL)",
-                describe_targets(settings).0
+                settings.targets().rabbitmq
             )
         })
 }
@@ -512,7 +515,7 @@ async fn connect_broker(settings: &Settings) -> anyhow::Result<Arc<Broker>> {
 async fn connect_store(settings: &Settings) -> anyhow::Result<Store> {
     Store::connect(&settings.database)
         .await
-        .with_context(|| format!("PostgreSQL at {}", describe_targets(settings).1))
+        .with_context(|| format!("PostgreSQL at {}", settings.targets().database))
 }
 
 impl clap::builder::ValueParserFactory for Role {

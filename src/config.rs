@@ -460,7 +460,30 @@ fn providers_redacted<S: Serializer>(
     sorted.serialize(s)
 }
 
+/// Where the service connects, passwords removed: for start-up errors and hints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    /// Every RabbitMQ node URL, comma-separated.
+    pub rabbitmq: String,
+    /// The PostgreSQL URL.
+    pub database: String,
+}
+
 impl Settings {
+    /// [`Targets`] of these settings.
+    pub fn targets(&self) -> Targets {
+        Targets {
+            rabbitmq: self
+                .rabbitmq
+                .node_urls()
+                .iter()
+                .map(|u| crate::redact::redact_url(u.expose_secret()))
+                .collect::<Vec<_>>()
+                .join(", "),
+            database: crate::redact::redact_url(self.database.url.expose_secret()),
+        }
+    }
+
     /// Loads from the process environment and the working directory.
     ///
     /// # Errors

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{Application, Role};
 use crate::client::{new_request, Client, EventStream};
-use crate::config::Settings;
+use crate::config::{Settings, Targets};
 use crate::providers::sim::{SimProvider, SimSettings};
 use crate::store::ScratchDatabase;
 use crate::topology::Topology;
@@ -42,7 +42,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 async fn check_dependencies(settings: &Settings) -> anyhow::Result<()> {
-    let (rabbit, db) = crate::app::describe_targets(settings);
+    let Targets {
+        rabbitmq: rabbit,
+        database: db,
+    } = settings.targets();
     let url = settings.rabbitmq.node_urls()[0].clone();
     let reachable = tokio::time::timeout(
         Duration::from_secs(5),

@@ -195,7 +195,7 @@ async fn raw_connection(settings: &Settings, name: &str) -> anyhow::Result<Conne
     .with_context(|| {
         format!(
             "RabbitMQ is not reachable at {} (start it, or set APP__RABBITMQ__URL)",
-            crate::app::describe_targets(settings).0
+            settings.targets().rabbitmq
         )
     })
 }
@@ -217,7 +217,7 @@ pub async fn run(settings: Settings, options: BenchOptions) -> anyhow::Result<Be
     if !ScratchDatabase::server_answers(&settings.database, Duration::from_secs(5)).await {
         anyhow::bail!(
             "PostgreSQL is not reachable at {} (start it, or set APP__DATABASE__URL)",
-            crate::app::describe_targets(&settings).1
+            &settings.targets().database
         );
     }
     let scratch = ScratchDatabase::create(&settings.database, &database)
