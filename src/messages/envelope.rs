@@ -56,6 +56,18 @@ impl Envelope {
         m
     }
 
+    /// The properties as `parked_messages.headers` records them, the layout
+    /// [`Envelope::from_recorded`] reads back.
+    pub fn recorded_properties(&self) -> serde_json::Value {
+        serde_json::json!({
+            "messageId": self.message_id,
+            "type": self.message_type,
+            "correlationId": self.correlation_id,
+            "x-virtual-key": self.virtual_key,
+            "traceparent": self.traceparent,
+        })
+    }
+
     /// A message recorded with its properties, to publish again as it was to `exchange` with
     /// `routing_key`; unroutable is an error. `properties` is the JSON object a
     /// `parked_messages` row keeps (`messageId`, `type`, `correlationId`, `x-virtual-key`,
@@ -169,5 +181,30 @@ mod tests {
         assert!(e.mandatory && e.extra_headers.is_empty());
         let fresh = Envelope::from_recorded("", "q", Vec::new(), &serde_json::json!({}));
         assert!(uuid::Uuid::parse_str(&fresh.message_id).is_ok());
+    }
+
+    #[test]
+    fn recorded_properties_read_back_as_the_same_envelope() {
+        let mut e = Envelope::from_recorded(
+            "video.events",
+            "video.generation.started",
+            b"{}".to_vec(),
+            &serde_json::json!({
+                "messageId": "m-2", "type": "VideoGenerationStarted",
+                "correlationId": "r-2", "x-virtual-key": "vk-2", "traceparent": "00-ab-cd-01",
+            }),
+        );
+        e.mandatory = false;
+        let again = Envelope::from_recorded(
+            e.exchange.clone(),
+            e.routing_key.clone(),
+            e.body.clone(),
+            &e.recorded_properties(),
+        );
+        assert_eq!(again.message_id, "m-2");
+        assert_eq!(again.correlation_id, "r-2");
+        assert_eq!(again.virtual_key, "vk-2");
+        assert_eq!(again.traceparent.as_deref(), Some("00-ab-cd-01"));
+        assert_eq!(again.message_type, "VideoGenerationStarted");
     }
 }

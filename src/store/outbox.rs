@@ -123,12 +123,8 @@ impl UnitOfWork {
     /// Database errors.
     pub async fn park_outbox(&mut self, row: &OutboxRow, reason: &str) -> Result<(), StoreError> {
         let e = &row.envelope;
-        let headers = serde_json::json!({
-            "type": e.message_type,
-            "correlation_id": e.correlation_id,
-            "x-virtual-key": e.virtual_key,
-            "traceparent": e.traceparent,
-        });
+        // The layout a delivery parked by a consumer gets, so `parked --requeue` restores both.
+        let headers = e.recorded_properties();
         sqlx::query(
             "INSERT INTO parked_messages
                  (message_id, original_queue, original_exchange, routing_key, reason, headers, body)
