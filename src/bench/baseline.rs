@@ -23,7 +23,7 @@ use super::report::HopWindow;
 use super::seeding::tenant;
 use super::stats::{lag_from_samples, per_1000, round2};
 use super::{raw_connection, say, Ctx};
-use crate::messages::{Envelope, Meta, VideoProgressCheckRequested};
+use crate::messages::{Envelope, VideoProgressCheckRequested};
 use crate::topology::{Topology, VIRTUAL_KEY_HEADER};
 
 /// Header the baseline loop carries its due time in (milliseconds since the epoch).
@@ -145,15 +145,14 @@ impl RawLoop {
                 tasks.clone(),
             ));
         }
-        let sample = VideoProgressCheckRequested {
-            meta: Meta::new(),
-            request_id: uuid::Uuid::new_v4().to_string(),
-            virtual_key_id: "vk-bench-000".to_owned(),
-            scheduled_at: crate::messages::now(),
-            interval_index: 0,
-            start_time: crate::messages::now(),
-            sequence: 0,
-        };
+        let now = crate::messages::now();
+        let sample = VideoProgressCheckRequested::first(
+            uuid::Uuid::new_v4().to_string(),
+            "vk-bench-000",
+            0,
+            now,
+            now,
+        );
         let body = Envelope::to_queue(topology.delay_queue(1000), &sample).body;
         Ok(Self {
             state,

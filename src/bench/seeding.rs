@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Ctx;
 use crate::broker::{Broker, BrokerOptions, Publisher};
-use crate::messages::{Meta, VideoProgressCheckRequested};
+use crate::messages::VideoProgressCheckRequested;
 use crate::topology::Topology;
 
 /// A seeded task.
@@ -185,16 +185,10 @@ impl Seeder {
         for (i, chunk) in tasks.chunks(per_tick).enumerate() {
             let publishes = chunk.iter().map(|t| {
                 let now = crate::messages::now();
-                let check = VideoProgressCheckRequested {
-                    meta: Meta::new(),
-                    request_id: t.request_id.clone(),
-                    virtual_key_id: t.virtual_key.clone(),
-                    scheduled_at: now
-                        + chrono::Duration::milliseconds(i64::try_from(tier_ms).unwrap_or(1000)),
-                    interval_index: 0,
-                    start_time: now,
-                    sequence: 0,
-                };
+                let due =
+                    now + chrono::Duration::milliseconds(i64::try_from(tier_ms).unwrap_or(1000));
+                let check =
+                    VideoProgressCheckRequested::first(&t.request_id, &t.virtual_key, 0, now, due);
                 let envelope = topology.delayed_check(tier_ms, &check);
                 async move { publisher.publish(&envelope).await }
             });

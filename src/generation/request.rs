@@ -275,15 +275,13 @@ impl GenerationOrchestrator {
         };
         self.enqueue(&mut uow, &self.topology.event(&started), &traceparent)
             .await?;
-        let check = VideoProgressCheckRequested {
-            meta: Meta::new(),
-            request_id: task.request_id.clone(),
-            virtual_key_id: task.virtual_key_id.clone(),
-            scheduled_at: first_check_at,
-            interval_index: 0,
-            start_time: started_at,
-            sequence: 0,
-        };
+        let check = VideoProgressCheckRequested::first(
+            &task.request_id,
+            &task.virtual_key_id,
+            0,
+            started_at,
+            first_check_at,
+        );
         self.enqueue(
             &mut uow,
             &self.topology.delayed_check(tier, &check),
