@@ -115,7 +115,7 @@ impl SimFaults {
 }
 
 /// Counters, for tests and benchmarks.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SimStats {
     /// Jobs currently held (an OpenAI-style delete removes one).
