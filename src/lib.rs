@@ -5,21 +5,32 @@
 //! awaited on shutdown, and every piece of state lives in PostgreSQL or in the broker.
 //!
 //! ## Layout
-//! - [`config`]: typed settings (`config/default.toml`, `APP_ENVIRONMENT`, `APP__SECTION__KEY`).
+//! - [`config`]: typed settings (`config/default.toml`, `APP_ENVIRONMENT`, `APP__SECTION__KEY`);
+//!   each section checks itself. `redact` keeps secrets out of logs and `config show`.
 //! - [`telemetry`]: JSON logs, `RUST_LOG`.
-//! - [`messages`]: the message contract (pure data).
+//! - [`messages`]: the message contract, pure data (commands, events, checks, the envelope, the
+//!   decoder and its limits); it imports nothing of ours.
 //! - [`topology`]: exchanges and queues, declared at every start.
-//! - [`broker`]: connection with reconnect, confirmed publisher, consumer loop with parking and
-//!   delayed retries (never a requeue).
-//! - [`store`]: PostgreSQL tasks, outbox, leases.
-//! - [`providers`]: the `VideoProvider` trait, its HTTP adapters and the simulated provider.
-//! - [`generation`]: the generation orchestrator (lifecycle, outbox writes), which waits at a
-//!   database gate while PostgreSQL is down.
-//! - [`progress_tracking`]: the self-scheduling check chain; [`partitions`]: who consumes which
-//!   partition; [`sweeper`]: re-arms lost chains.
-//! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks.
-//! - [`http`]: health, readiness, metrics, task lookup; [`app`]: roles, start-up and shutdown;
-//!   [`cli`]: the commands; [`bench`]: the benchmark against the raw broker.
+//! - [`broker`]: connection with reconnect and confirmed publisher (`mod.rs`), the consumer loop
+//!   with parking and delayed retries, never a requeue (`consumer`), trace context (`trace`).
+//! - [`store`]: all of PostgreSQL, one file per aggregate (tasks, outbox, checks, parked messages,
+//!   leases, webhooks, API keys, retention, scratch databases); callers get domain methods and a
+//!   [`store::UnitOfWork`], never sqlx types.
+//! - [`providers`]: the `VideoProvider` trait; `settings`, `registry` (adapters by kind) and the
+//!   HTTP `transport`; one file per protocol; `sim/` speaks each protocol on loopback, one file
+//!   per protocol plus the control API.
+//! - [`generation`]: the generation orchestrator: `request` (validate, record, submit once,
+//!   start tracking), `ending` (every terminal transition through one sequence), its database gate.
+//! - [`progress_tracking`]: the self-scheduling check chain (`tracker`, the interval `policy`, the
+//!   per-key `limiter`, `CheckOutcome`); [`partitions`]: who consumes which partition;
+//!   [`sweeper`]: re-arms lost chains.
+//! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks and their address checks.
+//! - [`auth`]: API keys; [`http`]: health, readiness, metrics, task lookup; [`app`]: roles,
+//!   start-up and shutdown; [`cli`]: one function per command; [`demo`]; [`bench`]: the
+//!   benchmark against the raw broker, one file per phase.
+//!
+//! `generation` and `progress_tracking` never import each other: they talk only through
+//! messages, as two instances on two machines would.
 
 #![warn(missing_docs, missing_debug_implementations, rust_2018_idioms)]
 
