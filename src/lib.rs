@@ -26,7 +26,7 @@
 //!   [`sweeper`]: re-arms lost chains.
 //! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks and their address checks.
 //! - [`auth`]: API keys; [`http`]: health, readiness, metrics, task lookup; [`app`]: roles,
-//!   start-up and shutdown; [`cli`]: one function per command; [`demo`]; [`bench`]: the
+//!   start-up and shutdown; [`cli`]: one function per command; [`demo`]; [`bench`](mod@bench): the
 //!   benchmark against the raw broker, one file per phase.
 //!
 //! `generation` and `progress_tracking` never import each other: they talk only through
