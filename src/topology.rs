@@ -534,25 +534,7 @@ async fn declare_consumed_queue(
 /// # Errors
 /// Broker errors other than "not found".
 pub async fn queue_exists(connection: &Connection, name: &str) -> Result<bool, lapin::Error> {
-    let channel = connection.create_channel().await?;
-    let result = channel
-        .queue_declare(
-            name.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    match result {
-        Ok(_) => {
-            let _ = channel.close(200, "probe".into()).await;
-            Ok(true)
-        }
-        Err(e) if is_not_found(&e) => Ok(false),
-        Err(e) => Err(e),
-    }
+    Ok(queue_depth(connection, name).await?.is_some())
 }
 
 /// Whether the broker knows the `x-consistent-hash` exchange type (plugin

@@ -33,11 +33,16 @@ fn mac(key: &[u8]) -> Hmac<Sha256> {
 
 /// `sha256=<hex>` signature of `body` at `timestamp` (earlier scheme).
 pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    let tag = legacy_mac(secret, timestamp, body).finalize().into_bytes();
+    format!("sha256={}", hex::encode(tag))
+}
+
+fn legacy_mac(secret: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = mac(secret.as_bytes());
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    mac
 }
 
 /// Checks an earlier-scheme signature as a receiver would (constant-time comparison).
@@ -48,11 +53,9 @@ pub fn verify(secret: &str, timestamp: i64, body: &[u8], signature: &str) -> boo
     else {
         return false;
     };
-    let mut mac = mac(secret.as_bytes());
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&expected).is_ok()
+    legacy_mac(secret, timestamp, body)
+        .verify_slice(&expected)
+        .is_ok()
 }
 
 /// A new Standard Webhooks secret: `whsec_` and 32 random bytes in base64.
@@ -71,15 +74,23 @@ fn key_of(secret: &str) -> Vec<u8> {
         .unwrap_or_else(|| secret.as_bytes().to_vec())
 }
 
-/// One `v1,<base64>` signature of `id.timestamp.body`.
-fn standard_signature(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> String {
+/// The HMAC of `id.timestamp.body` under `secret`, ready to finish or verify.
+fn standard_mac(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
     let mut mac = mac(&key_of(secret));
     mac.update(id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+    mac
+}
+
+/// One `v1,<base64>` signature of `id.timestamp.body`.
+fn standard_signature(secret: &str, id: &str, timestamp: i64, body: &[u8]) -> String {
+    let tag = standard_mac(secret, id, timestamp, body)
+        .finalize()
+        .into_bytes();
+    format!("v1,{}", BASE64.encode(tag))
 }
 
 /// The `webhook-signature` value: one signature per secret, space-separated.
@@ -101,13 +112,9 @@ pub fn verify_standard(secret: &str, id: &str, timestamp: i64, body: &[u8], head
         else {
             return false;
         };
-        let mut mac = mac(&key_of(secret));
-        mac.update(id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        mac.verify_slice(&sig).is_ok()
+        standard_mac(secret, id, timestamp, body)
+            .verify_slice(&sig)
+            .is_ok()
     })
 }
 
