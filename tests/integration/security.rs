@@ -9,6 +9,7 @@ use video_orchestrator::auth;
 use video_orchestrator::http::{router, HttpState};
 use video_orchestrator::store::{NewTask, TaskStatus};
 
+use test_support::process::command;
 use test_support::TestEnv;
 
 async fn serve(env: &TestEnv, stop: CancellationToken) -> std::net::SocketAddr {
@@ -165,5 +166,81 @@ async fn a_key_cannot_be_made_for_an_unusable_virtual_key() {
             "{bad:?} refused"
         );
     }
+    env.cleanup().await;
+}
+
+async fn cli(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
+    let out = command(args)
+        .envs(env.child_vars())
+        .output()
+        .await
+        .expect("run the binary");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn keys_are_created_listed_and_revoked_from_the_command_line() {
+    let env = TestEnv::new().await;
+    let (ok, out, err) = cli(
+        &env,
+        &[
+            "keys",
+            "create",
+            "--virtual-key",
+            "vk-cli",
+            "--name",
+            "orders",
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let key = out
+        .lines()
+        .last()
+        .expect("the key on the last line")
+        .to_owned();
+    assert!(key.starts_with("vo_"), "{out}");
+    let caller = auth::authenticate(&env.store, Some(&format!("Bearer {key}")))
+        .await
+        .expect("the printed key authenticates");
+    assert_eq!(caller.virtual_key_id, "vk-cli");
+    assert!(!caller.admin);
+
+    let (ok, out, err) = cli(&env, &["keys", "list", "--json"]).await;
+    assert!(ok, "{err}");
+    assert!(!out.contains(&key[20..]), "list never shows a secret");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed[0]["id"], caller.key_id.as_str());
+    assert_eq!(listed[0]["virtualKeyId"], "vk-cli");
+    assert_eq!(listed[0]["name"], "orders");
+    assert!(listed[0]["revokedAt"].is_null());
+
+    let (ok, _, err) = cli(&env, &["keys", "revoke", &caller.key_id]).await;
+    assert!(ok, "{err}");
+    assert!(
+        auth::authenticate(&env.store, Some(&format!("Bearer {key}")))
+            .await
+            .is_err()
+    );
+    let (ok, _, err) = cli(&env, &["keys", "revoke", &caller.key_id]).await;
+    assert!(
+        !ok && err.contains("no key"),
+        "revoking twice says so: {err}"
+    );
+    let (ok, _, err) = cli(&env, &["keys", "create", "--virtual-key", ""]).await;
+    assert!(!ok && err.contains("virtual-key"), "{err}");
+
+    let (ok, out, err) = cli(&env, &["keys", "webhook-secret", "--virtual-key", "vk-cli"]).await;
+    assert!(ok, "{err}");
+    let secret = out.lines().last().unwrap();
+    assert!(secret.starts_with("whsec_"), "{out}");
+    assert_eq!(
+        env.store.live_webhook_secrets("vk-cli").await.unwrap(),
+        vec![secret.to_owned()]
+    );
     env.cleanup().await;
 }

@@ -1,6 +1,8 @@
 //! Command-line interface: `serve`, `topology declare`, `schema`, `config check`, `submit`,
-//! `cancel`, `status`, `parked`, `sim-provider`, `demo` and `bench`, one function each. Each
+//! `cancel`, `status`, `parked`, `keys`, `sim-provider`, `demo` and `bench`, one function each. Each
 //! command returns an exit code; `main` only maps errors to text.
+
+mod keys;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -90,6 +92,11 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Manage API keys and webhook signing secrets.
+    Keys {
+        #[command(subcommand)]
+        action: keys::KeysAction,
     },
     /// Show a task from the database.
     Status {
@@ -212,6 +219,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => parked_list(limit, json).await,
         Command::Serve { roles } => serve(&roles).await,
+        Command::Keys { action } => keys::keys(action).await,
     }
 }
 
