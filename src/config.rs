@@ -434,6 +434,18 @@ pub struct WebhookSettings {
     pub legacy_signature: bool,
 }
 
+impl WebhookSettings {
+    fn validate(&self, environment: &str) -> Result<(), ConfigError> {
+        ensure(
+            !(environment == "production" && self.secret.expose_secret().is_empty()),
+            "webhooks.secret",
+            "must be set with APP_ENVIRONMENT=production: deliveries of tenants without a secret \
+             of their own (`keys webhook-secret`) are signed with it",
+        )?;
+        ensure(self.timeout_ms > 0, "webhooks.timeout_ms", "must be at least 1")
+    }
+}
+
 /// `[shutdown]`: how long a SIGTERM waits for in-flight work.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ShutdownSettings {
@@ -548,7 +560,8 @@ impl Settings {
         self.tracking.validate()?;
         self.generation.validate()?;
         self.outbox.validate()?;
-        self.validate_providers()
+        self.validate_providers()?;
+        self.webhooks.validate(&self.environment)
     }
 
     /// Each provider, the routing against them, and no route to the simulated provider in

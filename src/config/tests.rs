@@ -137,6 +137,21 @@ fn production_refuses_the_simulated_provider() {
     assert!(err.contains("sim"), "{err}");
 }
 
+#[test]
+fn production_refuses_webhooks_without_a_secret() {
+    let settings = Settings::load_from(&env(&[])).expect("defaults load");
+    let err = settings
+        .webhooks
+        .validate("production")
+        .expect_err("no webhook secret in production")
+        .to_string();
+    assert!(err.contains("webhooks.secret"), "{err}");
+    assert!(settings.webhooks.validate("local").is_ok());
+    let mut with_secret = settings.webhooks.clone();
+    with_secret.secret = SecretString::from("s3cret");
+    assert!(with_secret.validate("production").is_ok());
+}
+
 /// Settings from TOML texts alone (later wins), checked like `load_from` checks them.
 fn from_toml(texts: &[&str]) -> Settings {
     let mut builder = config::Config::builder();
