@@ -442,7 +442,11 @@ impl WebhookSettings {
             "must be set with APP_ENVIRONMENT=production: deliveries of tenants without a secret \
              of their own (`keys webhook-secret`) are signed with it",
         )?;
-        ensure(self.timeout_ms > 0, "webhooks.timeout_ms", "must be at least 1")
+        ensure(
+            self.timeout_ms > 0,
+            "webhooks.timeout_ms",
+            "must be at least 1",
+        )
     }
 }
 

@@ -40,6 +40,7 @@ fn settings(kind: ProviderKind, base_url: &str) -> ProviderSettings {
         timeout_ms: 2_000,
         max_concurrency: 8,
         cancel_deletes: false,
+        max_retry_after_ms: 300_000,
     }
 }
 

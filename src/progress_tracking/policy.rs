@@ -20,10 +20,30 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// When a check published now on this schedule is due.
+    /// When a check published now on this schedule is due. Saturates instead of overflowing:
+    /// no delay, however it was computed, can panic here.
     pub fn due_at(self) -> DateTime<Utc> {
-        messages::now()
-            + chrono::Duration::milliseconds(i64::try_from(self.delay_ms).unwrap_or(i64::MAX))
+        let now = messages::now();
+        i64::try_from(self.delay_ms)
+            .ok()
+            .and_then(chrono::TimeDelta::try_milliseconds)
+            .and_then(|delay| now.checked_add_signed(delay))
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+    }
+
+    /// This schedule, brought forward so the check is due within `limit` (the task's deadline):
+    /// the largest tier not above the limit carries it, the shortest when the limit is below
+    /// every tier. A schedule within the limit is unchanged.
+    pub fn within(self, topology: &Topology, limit: Duration) -> Schedule {
+        let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+        if self.delay_ms <= limit_ms {
+            return self;
+        }
+        let tier = topology.tier_at_most(limit_ms);
+        Schedule {
+            tier_ms: tier,
+            delay_ms: limit_ms.max(tier),
+        }
     }
 }
 
@@ -54,11 +74,11 @@ pub fn next_interval(
 /// by policy; a delay longer than the longest tier rides the longest tier and goes round again
 /// on arrival; `at_least` (a provider's `Retry-After`) rounds up instead.
 pub fn schedule(topology: &Topology, wanted: Duration, at_least: Option<Duration>) -> Schedule {
-    let wanted_ms = wanted.as_millis() as u64;
+    let wanted_ms = u64::try_from(wanted.as_millis()).unwrap_or(u64::MAX);
     let longest = topology.longest_tier_ms();
     match at_least {
-        Some(min) if min.as_millis() as u64 >= wanted_ms => {
-            let min_ms = min.as_millis() as u64;
+        Some(min) if u64::try_from(min.as_millis()).unwrap_or(u64::MAX) >= wanted_ms => {
+            let min_ms = u64::try_from(min.as_millis()).unwrap_or(u64::MAX);
             if min_ms > longest {
                 Schedule {
                     tier_ms: longest,
@@ -233,6 +253,31 @@ mod tests {
         assert_eq!(
             published_progress(0, None, Duration::from_secs(5), None).percent,
             0
+        );
+    }
+
+    #[test]
+    fn a_schedule_past_the_deadline_is_brought_forward_and_never_overflows() {
+        let t = Topology::new("", 16, vec![1000, 2000, 5000, 10000, 30000, 60000]);
+        let day = schedule(
+            &t,
+            Duration::from_secs(5),
+            Some(Duration::from_secs(86_400)),
+        );
+        let bounded = day.within(&t, Duration::from_secs(20));
+        assert_eq!(bounded.delay_ms, 20_000);
+        assert!(bounded.tier_ms <= 20_000);
+        assert_eq!(bounded.within(&t, Duration::from_secs(60)), bounded);
+        let past = day.within(&t, Duration::ZERO);
+        assert_eq!(
+            past.tier_ms, past.delay_ms,
+            "the shortest tier: due at once"
+        );
+        let huge = schedule(&t, Duration::from_secs(5), Some(Duration::MAX));
+        assert!(huge.due_at() > messages::now());
+        assert!(
+            huge.within(&t, Duration::from_secs(20)).due_at()
+                < messages::now() + chrono::TimeDelta::seconds(21)
         );
     }
 }

@@ -207,6 +207,11 @@ impl ProgressTracker {
             .await
     }
 
+    /// Time left before `tracking.max_duration_ms` since the task started.
+    fn until_deadline(&self, elapsed: Duration) -> Duration {
+        Duration::from_millis(self.settings.max_duration_ms).saturating_sub(elapsed)
+    }
+
     /// Sends a check that arrived `early` round again, into the tier that brings it back closest
     /// to its due time without being late.
     async fn recirculate(
@@ -320,7 +325,8 @@ impl ProgressTracker {
             elapsed,
             predicted_total,
         );
-        let s = schedule(&self.topology, interval, None);
+        let s = schedule(&self.topology, interval, None)
+            .within(&self.topology, self.until_deadline(elapsed));
         let next = check.next(check.sequence + 1, s.due_at());
         let next_envelope = self
             .topology
@@ -407,7 +413,10 @@ impl ProgressTracker {
     ) {
         let elapsed = (Utc::now() - check.start_time).to_std().unwrap_or_default();
         let interval = next_interval(&self.settings, check.interval_index + 1, elapsed, None);
-        let s = schedule(&self.topology, interval, retry_after);
+        // A provider's Retry-After (capped by its max_retry_after_ms) never pushes the next
+        // check past the deadline, where that check times the task out.
+        let s = schedule(&self.topology, interval, retry_after)
+            .within(&self.topology, self.until_deadline(elapsed));
         let next = check.next(sequence, s.due_at());
         let envelope = self
             .topology

@@ -35,6 +35,14 @@ pub struct ProviderSettings {
     /// the video); cancel deletes only when this is `true`.
     #[serde(default)]
     pub cancel_deletes: bool,
+    /// The longest `Retry-After` honoured, on submit and status: a provider asking for more
+    /// (a day, or a number that would overflow a date) waits this long instead.
+    #[serde(default = "default_max_retry_after_ms")]
+    pub max_retry_after_ms: u64,
+}
+
+fn default_max_retry_after_ms() -> u64 {
+    300_000
 }
 
 fn default_timeout_ms() -> u64 {
@@ -128,6 +136,13 @@ impl ProviderSettings {
             return Err(invalid_url(format!(
                 "\"{base_url}\" must not have a query or fragment"
             )));
+        }
+        if self.max_retry_after_ms == 0 {
+            return Err(ProviderConfigError::invalid(
+                name,
+                "max_retry_after_ms",
+                "must be greater than 0".to_owned(),
+            ));
         }
         if self.timeout_ms == 0 {
             return Err(ProviderConfigError::invalid(

@@ -91,6 +91,8 @@ pub(crate) struct HttpTransport {
     /// not requests in flight; the provider's own rate limits are about requests in flight.
     permits: Semaphore,
     max_concurrency: usize,
+    /// `providers.<name>.max_retry_after_ms`: the longest `Retry-After` taken at its word.
+    max_retry_after: Duration,
 }
 
 impl fmt::Debug for HttpTransport {
@@ -144,6 +146,7 @@ impl HttpTransport {
             timeout,
             permits: Semaphore::new(settings.max_concurrency),
             max_concurrency: settings.max_concurrency,
+            max_retry_after: Duration::from_millis(settings.max_retry_after_ms),
         })
     }
 
@@ -304,7 +307,8 @@ impl HttpTransport {
             .await
             .map_err(|e| classify_reqwest(&what, &e))?;
         let status = response.status();
-        let retry_after = parse_retry_after(response.headers());
+        let retry_after =
+            parse_retry_after(response.headers()).map(|d| d.min(self.max_retry_after));
         let bytes = response
             .bytes()
             .await
@@ -356,6 +360,10 @@ fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));
+    }
+    // Past u64 (a provider bug): as long as can be, and the caller's cap decides.
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(Duration::MAX);
     }
     let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let delta = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
@@ -449,5 +457,20 @@ mod tests {
     fn truncate_respects_char_boundaries() {
         assert_eq!(truncate("héllo", 2), "h…");
         assert_eq!(truncate("abc", 5), "abc");
+    }
+
+    proptest::proptest! {
+        /// Whatever a provider writes in `Retry-After`, parsing never panics and the cap holds.
+        #[test]
+        fn any_retry_after_parses_without_panic_and_is_capped(value in "\\PC{0,40}|[0-9]{1,30}") {
+            let mut headers = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(RETRY_AFTER, v);
+            }
+            let cap = Duration::from_secs(300);
+            if let Some(d) = parse_retry_after(&headers).map(|d| d.min(cap)) {
+                proptest::prop_assert!(d <= cap);
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use video_orchestrator::app::Role;
 use video_orchestrator::broker::Publisher;
 use video_orchestrator::client::{new_request, Client};
 use video_orchestrator::messages::{Envelope, Meta, VideoProgressCheckRequested};
-use video_orchestrator::providers::sim::SimHandle;
+use video_orchestrator::providers::sim::{SimFaults, SimHandle};
 use video_orchestrator::store::TaskStatus;
 
 use crate::proxy::Proxy;
@@ -461,4 +461,34 @@ async fn a_crash_after_publishing_the_next_check_leaves_one_chain() {
 #[tokio::test]
 async fn a_crash_after_advancing_the_row_leaves_one_chain() {
     crash_at("after_advance").await;
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_on_status_leaves_the_task_checked_before_its_deadline() {
+    for retry_after in ["86400", "99999999999999"] {
+        let app = spawn_app_with(600_000, &[("APP__TRACKING__MAX_DURATION_MS", "8000")]).await;
+        let request = new_request("vk-slow-down", "sora-2", "rate limited for a day");
+        let id = app.submit(&request).await;
+        app.events
+            .wait_for(|e| e.is("video.generation.started", &id), DONE)
+            .await
+            .expect("started");
+        app.sim.set_faults(SimFaults {
+            rate_limit_rate: 1.0,
+            retry_after: Some(retry_after.to_owned()),
+            ..SimFaults::default()
+        });
+        let failed = app
+            .events
+            .wait_for(|e| e.is("video.generation.failed", &id), DONE)
+            .await
+            .unwrap_or_else(|| panic!("Retry-After: {retry_after}: the task was not checked again before its deadline"));
+        assert_eq!(failed.body["error"], "timed out", "{}", failed.body);
+        assert!(
+            app.sim.stats().status_calls > 0,
+            "the provider was asked and answered 429"
+        );
+        assert_eq!(app.task(&id).await.status, TaskStatus::TimedOut);
+        app.stop().await;
+    }
 }

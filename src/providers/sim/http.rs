@@ -111,14 +111,14 @@ pub(super) async fn guard(
         ));
     }
     if roll(faults.rate_limit_rate) {
+        let after = faults.retry_after.as_deref().unwrap_or("1");
         let mut response = error_response(
             protocol,
             StatusCode::TOO_MANY_REQUESTS,
-            "simulated rate limit: retry after 1 second",
+            &format!("simulated rate limit: retry after {after}"),
         );
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        let value = HeaderValue::from_str(after).unwrap_or(HeaderValue::from_static("1"));
+        response.headers_mut().insert(RETRY_AFTER, value);
         return Some(response);
     }
     None

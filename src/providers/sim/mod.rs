@@ -91,8 +91,11 @@ impl Default for SimSettings {
 pub struct SimFaults {
     /// Answer 500.
     pub error_rate: f64,
-    /// Answer 429 with `Retry-After: 1`.
+    /// Answer 429 with `Retry-After` ([`SimFaults::retry_after`]).
     pub rate_limit_rate: f64,
+    /// The `Retry-After` value of a 429, verbatim (default `1`): tests send a day, or a number
+    /// of seconds no date can hold.
+    pub retry_after: Option<String>,
     /// Delay added before answering.
     pub latency_ms: u64,
     /// Sleep 60 s before answering (503), to trigger client timeouts.
@@ -210,6 +213,7 @@ impl SimHandle {
             rate_limit_rate: clamp(faults.rate_limit_rate),
             latency_ms: faults.latency_ms,
             hang_rate: clamp(faults.hang_rate),
+            retry_after: faults.retry_after,
         };
         *lock(&self.state.faults) = faults;
     }

@@ -158,6 +158,7 @@ impl SimState {
             rate_limit_rate: settings.rate_limit_rate.clamp(0.0, 1.0),
             latency_ms: settings.latency_ms,
             hang_rate: 0.0,
+            retry_after: None,
         };
         Self {
             settings,
