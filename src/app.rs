@@ -25,6 +25,7 @@ use crate::partitions::PartitionManager;
 use crate::progress_tracking::ProgressTracker;
 use crate::providers::{ProviderConfigError, Providers};
 use crate::relay::OutboxRelay;
+use crate::retention::RetentionCleaner;
 use crate::store::{Store, StoreError};
 use crate::sweeper::Sweeper;
 use crate::topology::Topology;
@@ -235,6 +236,8 @@ impl Application {
                 settings.generation.clone(),
             );
             consumers.spawn(sweeper.run(consumers_stop.clone()));
+            let cleaner = RetentionCleaner::new(store.clone(), settings.retention.clone());
+            consumers.spawn(cleaner.run(consumers_stop.clone()));
         }
         if roles.contains(&Role::Relay) {
             let relay = OutboxRelay::new(

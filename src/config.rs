@@ -91,6 +91,8 @@ pub struct Settings {
     pub webhooks: WebhookSettings,
     /// Graceful shutdown.
     pub shutdown: ShutdownSettings,
+    /// How long finished work is kept (`[retention]`).
+    pub retention: RetentionSettings,
     /// Video providers by name.
     #[serde(default, serialize_with = "providers_redacted")]
     pub providers: HashMap<String, ProviderSettings>,
@@ -450,6 +452,41 @@ impl WebhookSettings {
     }
 }
 
+/// `[retention]`: how long rows that are done are kept, in days (0 keeps them for ever); the
+/// sweeper role removes older ones, a bounded batch at a time.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RetentionSettings {
+    /// Completed, failed, cancelled and timed-out tasks, after they finished.
+    pub terminal_tasks_days: u32,
+    /// Webhook deliveries that were delivered or given up.
+    pub webhook_deliveries_days: u32,
+    /// Parked messages (their copy in `video.parking` is the broker's to expire).
+    pub parked_messages_days: u32,
+    /// Tombstones of cancels that came before their request.
+    pub tombstones_days: u32,
+    /// Heartbeat rows of instances that stopped.
+    pub stale_instances_days: u32,
+    /// Rows removed per statement; each rule runs until a batch comes back short.
+    pub batch_size: i64,
+    /// Pause between cleanups.
+    pub interval_ms: u64,
+}
+
+impl RetentionSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        ensure(
+            self.batch_size > 0,
+            "retention.batch_size",
+            "must be at least 1",
+        )?;
+        ensure(
+            self.interval_ms > 0,
+            "retention.interval_ms",
+            "must be at least 1",
+        )
+    }
+}
+
 /// `[shutdown]`: how long a SIGTERM waits for in-flight work.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ShutdownSettings {
@@ -564,6 +601,7 @@ impl Settings {
         self.tracking.validate()?;
         self.generation.validate()?;
         self.outbox.validate()?;
+        self.retention.validate()?;
         self.validate_providers()?;
         self.webhooks.validate(&self.environment)
     }

@@ -24,7 +24,8 @@
 //! - [`progress_tracking`]: the self-scheduling check chain (`tracker`, the interval `policy`, the
 //!   per-key `limiter`, `CheckOutcome`); [`partitions`]: who consumes which partition;
 //!   [`sweeper`]: re-arms lost chains.
-//! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks and their address checks.
+//! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks and their address checks;
+//!   [`retention`]: removes what is past `[retention]`.
 //! - [`auth`]: API keys; [`http`]: health, readiness, metrics, task lookup; [`app`]: roles,
 //!   start-up and shutdown; [`cli`]: one function per command; [`demo`]; [`bench`](mod@bench): the
 //!   benchmark against the raw broker, one file per phase.
@@ -51,6 +52,7 @@ pub mod progress_tracking;
 pub mod providers;
 mod redact;
 pub mod relay;
+pub mod retention;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;

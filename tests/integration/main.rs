@@ -4,6 +4,7 @@ mod cluster_failover;
 mod generation;
 mod operations;
 mod proxy;
+mod retention;
 mod security;
 mod store;
 mod topology;
