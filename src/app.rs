@@ -193,6 +193,8 @@ impl Application {
                 webhooks: settings.webhooks.clone(),
                 relay_wake: relay_wake.clone(),
                 stop: consumers_stop.clone(),
+                security: settings.security.clone(),
+                service_user: settings.rabbitmq.user(),
             }));
             let spec = ConsumerSpec {
                 queue: topology.generation_queue(),

@@ -93,6 +93,9 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// How long finished work is kept (`[retention]`).
     pub retention: RetentionSettings,
+    /// Who may publish commands for which tenant (`[security]`).
+    #[serde(default)]
+    pub security: SecuritySettings,
     /// Video providers by name.
     #[serde(default, serialize_with = "providers_redacted")]
     pub providers: HashMap<String, ProviderSettings>,
@@ -127,6 +130,17 @@ impl RabbitSettings {
             vec![self.url.clone()]
         } else {
             self.urls.clone()
+        }
+    }
+
+    /// The RabbitMQ user the service connects as (the first node URL's; `guest` when the URL
+    /// names none, as AMQP URIs default). `None` for a user name in percent-encoding.
+    pub fn user(&self) -> Option<String> {
+        let url = url::Url::parse(self.node_urls().first()?.expose_secret()).ok()?;
+        match url.username() {
+            "" => Some("guest".to_owned()),
+            user if user.contains('%') => None,
+            user => Some(user.to_owned()),
         }
     }
 
@@ -452,6 +466,34 @@ impl WebhookSettings {
     }
 }
 
+/// `[security]`: publisher identity on the broker.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct SecuritySettings {
+    /// RabbitMQ user → the virtual keys it may publish commands for (`"*"`: any). Empty: off.
+    /// When set, a command must carry the AMQP `user_id` property (RabbitMQ refuses one that is
+    /// not the publishing connection's user), and a command for a virtual key its user may not
+    /// act for is refused (`publisher_not_allowed`) and parked.
+    #[serde(default)]
+    pub publishers: BTreeMap<String, Vec<String>>,
+}
+
+impl SecuritySettings {
+    /// Whether RabbitMQ user `user` may act for `virtual_key_id`.
+    pub fn may_publish_for(&self, user: &str, virtual_key_id: &str) -> bool {
+        self.publishers
+            .get(user)
+            .is_some_and(|keys| keys.iter().any(|k| k == "*" || k == virtual_key_id))
+    }
+
+    fn validate(&self, rabbitmq: &RabbitSettings) -> Result<(), ConfigError> {
+        ensure(
+            self.publishers.is_empty() || rabbitmq.user().is_some(),
+            "security.publishers",
+            "needs the service's own RabbitMQ user in rabbitmq.url (not percent-encoded)",
+        )
+    }
+}
+
 /// `[retention]`: how long rows that are done are kept, in days (0 keeps them for ever); the
 /// sweeper role removes older ones, a bounded batch at a time.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -602,6 +644,7 @@ impl Settings {
         self.generation.validate()?;
         self.outbox.validate()?;
         self.retention.validate()?;
+        self.security.validate(&self.rabbitmq)?;
         self.validate_providers()?;
         self.webhooks.validate(&self.environment)
     }

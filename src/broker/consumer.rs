@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    truncate, Broker, BrokerError, Publisher, OWN_HEADERS, RETRY_ATTEMPT_HEADER,
+    truncate, Broker, BrokerError, Publisher, OWN_HEADERS, PUBLISHER_HEADER, RETRY_ATTEMPT_HEADER,
     RETRY_FIRST_AT_HEADER, RETRY_REASON_HEADER, TRACEPARENT_HEADER,
 };
 use crate::messages::Envelope;
@@ -55,6 +55,21 @@ pub struct Incoming {
     pub retry_first_at: Option<chrono::DateTime<Utc>>,
     /// Every other string header, carried over to retries and parked copies.
     pub headers: Vec<(String, String)>,
+    /// The AMQP `user_id` property: the publishing connection's user, RabbitMQ makes sure.
+    pub user_id: Option<String>,
+    /// [`PUBLISHER_HEADER`]: on the service's own copy, who published the original.
+    pub vouched_publisher: Option<String>,
+}
+
+/// Who published a delivery, as far as the broker can prove it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishedBy {
+    /// The service itself (a re-driven request, a provider outcome, `submit`, a requeue).
+    Service,
+    /// Another RabbitMQ user.
+    User(String),
+    /// No `user_id`: unproven.
+    Unknown,
 }
 
 impl Incoming {
@@ -75,6 +90,19 @@ impl Incoming {
             retry_attempt: 0,
             retry_first_at: None,
             headers: Vec::new(),
+            user_id: None,
+            vouched_publisher: None,
+        }
+    }
+
+    /// Who published this, given the service's own RabbitMQ user: a message with the service's
+    /// `user_id` is the service's, or (a delayed retry's copy) the user it vouches for.
+    pub fn published_by(&self, service_user: &str) -> PublishedBy {
+        match (&self.user_id, &self.vouched_publisher) {
+            (Some(u), Some(original)) if u == service_user => PublishedBy::User(original.clone()),
+            (Some(u), None) if u == service_user => PublishedBy::Service,
+            (Some(u), _) => PublishedBy::User(u.clone()),
+            (None, _) => PublishedBy::Unknown,
         }
     }
 
@@ -138,6 +166,8 @@ impl Incoming {
                 .map(ToString::to_string),
             virtual_key: header(VIRTUAL_KEY_HEADER),
             traceparent: header(TRACEPARENT_HEADER),
+            user_id: d.properties.user_id().as_ref().map(ToString::to_string),
+            vouched_publisher: header(PUBLISHER_HEADER),
             redelivered: d.redelivered,
             // 4.3 splits the count: `x-delivery-count` holds failed deliveries only and
             // `x-acquired-count` every return; before 4.3 the first holds every return.
@@ -421,7 +451,7 @@ impl Publisher {
         let attempt = delivery.retry_attempt.saturating_add(1);
         let topology = self.broker.topology();
         let tier = topology.retry_tier(attempt);
-        let extra = vec![
+        let mut extra = vec![
             (RETRY_ATTEMPT_HEADER.to_owned(), attempt.to_string()),
             (
                 RETRY_FIRST_AT_HEADER.to_owned(),
@@ -429,6 +459,12 @@ impl Publisher {
             ),
             (RETRY_REASON_HEADER.to_owned(), truncate(reason, 1000)),
         ];
+        // The copy is published as the service: it vouches for the original's publisher.
+        if let Some(service) = &self.broker.options.user_id {
+            if let PublishedBy::User(original) = delivery.published_by(service) {
+                extra.push((PUBLISHER_HEADER.to_owned(), original));
+            }
+        }
         let copy = delivery.copy_to(topology.retry_queue(tier), extra);
         self.publish(&copy).await?;
         metrics::counter!("video_message_retries_total", "queue" => delivery.queue.clone())

@@ -27,7 +27,7 @@ use crate::messages::Envelope;
 pub use crate::redact::redact_url;
 use crate::topology::{Topology, TopologyError, VIRTUAL_KEY_HEADER};
 pub use consumer::{
-    consume, delivery_span, ConsumerSpec, Handler, Incoming, Outcome, RetryScheduled,
+    consume, delivery_span, ConsumerSpec, Handler, Incoming, Outcome, PublishedBy, RetryScheduled,
 };
 pub use trace::child_traceparent;
 
@@ -46,13 +46,18 @@ pub const RETRY_ATTEMPT_HEADER: &str = "x-retry-attempt";
 pub const RETRY_FIRST_AT_HEADER: &str = "x-retry-first-at";
 /// Why the last attempt failed.
 pub const RETRY_REASON_HEADER: &str = "x-retry-reason";
+/// On a copy the service publishes again (a delayed retry), the AMQP `user_id` of the message
+/// it copies. Believed only on a message whose own `user_id` is the service's: RabbitMQ makes
+/// sure nobody else can publish with that `user_id`.
+pub const PUBLISHER_HEADER: &str = "x-vo-publisher";
 /// Headers a consumer sets itself and does not carry over to a retry or a parked copy.
-pub(crate) const OWN_HEADERS: [&str; 5] = [
+pub(crate) const OWN_HEADERS: [&str; 6] = [
     VIRTUAL_KEY_HEADER,
     TRACEPARENT_HEADER,
     RETRY_ATTEMPT_HEADER,
     RETRY_FIRST_AT_HEADER,
     RETRY_REASON_HEADER,
+    PUBLISHER_HEADER,
 ];
 
 /// Broker failures callers branch on.
@@ -130,6 +135,10 @@ pub struct BrokerOptions {
     pub reconnect_max: Duration,
     /// How long a publish waits for its confirm.
     pub confirm_timeout: Duration,
+    /// Set as the AMQP `user_id` of every publish: the service's own RabbitMQ user, when
+    /// `security.publishers` is on (RabbitMQ refuses a `user_id` that is not the connection's,
+    /// so it proves a message came from the service).
+    pub user_id: Option<String>,
 }
 
 impl BrokerOptions {
@@ -142,6 +151,9 @@ impl BrokerOptions {
             reconnect_initial: Duration::from_millis(r.reconnect_initial_ms),
             reconnect_max: Duration::from_millis(r.reconnect_max_ms),
             confirm_timeout: Duration::from_millis(r.confirm_timeout_ms),
+            user_id: (!settings.security.publishers.is_empty())
+                .then(|| settings.rabbitmq.user())
+                .flatten(),
         }
     }
 }
@@ -332,7 +344,7 @@ async fn connect_any(
     })
 }
 
-fn properties(message: &Envelope) -> BasicProperties {
+fn properties(message: &Envelope, user_id: Option<&str>) -> BasicProperties {
     {
         let mut headers = FieldTable::default();
         headers.insert(
@@ -348,14 +360,18 @@ fn properties(message: &Envelope) -> BasicProperties {
         for (k, v) in &message.extra_headers {
             headers.insert(k.as_str().into(), AMQPValue::LongString(v.as_str().into()));
         }
-        BasicProperties::default()
+        let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(message.message_id.as_str().into())
             .with_type(message.message_type.as_str().into())
             .with_correlation_id(message.correlation_id.as_str().into())
             .with_timestamp(u64::try_from(Utc::now().timestamp()).unwrap_or(0))
-            .with_headers(headers)
+            .with_headers(headers);
+        match user_id {
+            Some(user) => properties.with_user_id(user.into()),
+            None => properties,
+        }
     }
 }
 
@@ -484,7 +500,7 @@ impl Publisher {
                     ..BasicPublishOptions::default()
                 },
                 &message.body,
-                properties(message),
+                properties(message, self.broker.options.user_id.as_deref()),
             )
             .await?;
         let confirmation = tokio::time::timeout(self.broker.options.confirm_timeout, confirm)

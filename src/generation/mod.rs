@@ -21,10 +21,10 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::{warn, Instrument};
 
-use crate::broker::{delivery_span, Handler, Incoming, Outcome};
-use crate::config::{GenerationSettings, TrackingSettings, WebhookSettings};
+use crate::broker::{delivery_span, Handler, Incoming, Outcome, PublishedBy};
+use crate::config::{GenerationSettings, SecuritySettings, TrackingSettings, WebhookSettings};
 use crate::messages::{Envelope, GenerationCommand, Meta, VideoGenerationCommandRejected};
 use crate::providers::Providers;
 use crate::store::{Store, StoreError, UnitOfWork};
@@ -50,6 +50,10 @@ pub struct GenerationDeps {
     pub relay_wake: Arc<Notify>,
     /// Interrupts submit backoff at shutdown (the message goes back to the queue).
     pub stop: CancellationToken,
+    /// `[security]`: which RabbitMQ user may publish commands for which tenant.
+    pub security: SecuritySettings,
+    /// The service's own RabbitMQ user, when `security.publishers` is on.
+    pub service_user: Option<String>,
 }
 
 /// The generation orchestrator; one per process, shared by its consumer's deliveries.
@@ -64,6 +68,8 @@ pub struct GenerationOrchestrator {
     relay_wake: Arc<Notify>,
     stop: CancellationToken,
     gate: DatabaseGate,
+    security: SecuritySettings,
+    service_user: Option<String>,
 }
 
 /// Why a message could not be handled now.
@@ -91,19 +97,54 @@ impl GenerationOrchestrator {
             relay_wake: deps.relay_wake,
             stop: deps.stop,
             gate: DatabaseGate::default(),
+            security: deps.security,
+            service_user: deps.service_user,
         }
     }
 
     async fn dispatch(
         &self,
         command: GenerationCommand,
+        published_by: Option<PublishedBy>,
         traceparent: Option<String>,
         redelivered: bool,
     ) -> Result<(), HandleError> {
+        if let Some(refusal) = published_by.and_then(|p| self.publisher_refusal(&p, &command)) {
+            warn!(%refusal, "command refused: publisher not allowed");
+            let rejection = Rejection {
+                command: command.name(),
+                label: "publisher_not_allowed",
+                request_id: command.request_id(),
+                virtual_key_id: command.virtual_key_id(),
+                reason: "publisher_not_allowed",
+            };
+            self.reject(rejection, &traceparent).await?;
+            return Err(HandleError::Refused(refusal));
+        }
         match command {
             GenerationCommand::Requested(r) => self.on_requested(r, traceparent, redelivered).await,
             GenerationCommand::CancelRequested(c) => self.on_cancel(c, traceparent).await,
             GenerationCommand::ProviderTaskFinished(f) => self.on_finished(f, traceparent).await,
+        }
+    }
+
+    /// Why `security.publishers` refuses this command from `published_by`, if it does.
+    fn publisher_refusal(
+        &self,
+        published_by: &PublishedBy,
+        command: &GenerationCommand,
+    ) -> Option<String> {
+        let virtual_key = command.virtual_key_id();
+        match published_by {
+            PublishedBy::Service => None,
+            PublishedBy::User(user) if self.security.may_publish_for(user, virtual_key) => None,
+            PublishedBy::User(user) => Some(format!(
+                "publisher_not_allowed: RabbitMQ user `{user}` may not act for virtual key `{virtual_key}` (security.publishers)"
+            )),
+            PublishedBy::Unknown => Some(
+                "publisher_not_allowed: the message has no user_id property, which security.publishers requires"
+                    .to_owned(),
+            ),
         }
     }
 
@@ -217,7 +258,15 @@ impl Handler for GenerationOrchestrator {
             let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
             // A retry is our own message coming back: resume it like a redelivery.
             let redelivered = incoming.redelivered || incoming.retry_attempt > 0;
-            match self.dispatch(command, Some(traceparent), redelivered).await {
+            let published_by = self
+                .service_user
+                .as_deref()
+                .filter(|_| !self.security.publishers.is_empty())
+                .map(|service| incoming.published_by(service));
+            match self
+                .dispatch(command, published_by, Some(traceparent), redelivered)
+                .await
+            {
                 Ok(()) => Outcome::Ack,
                 Err(HandleError::Shutdown) => Outcome::Return,
                 Err(HandleError::Refused(reason)) => Outcome::Park(reason),

@@ -244,3 +244,186 @@ async fn keys_are_created_listed_and_revoked_from_the_command_line() {
     );
     env.cleanup().await;
 }
+
+async fn rabbitmqctl(args: &[&str]) {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .await
+        .expect("rabbitmqctl runs");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A broker user of its own for the test, with every permission on `/`.
+struct BrokerUser {
+    name: String,
+    url: String,
+}
+
+impl BrokerUser {
+    async fn create(env: &TestEnv, role: &str) -> Self {
+        let name = format!(
+            "vo-{role}-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        rabbitmqctl(&["add_user", &name, &password]).await;
+        rabbitmqctl(&["set_permissions", "-p", "/", &name, ".*", ".*", ".*"]).await;
+        let mut url = url::Url::parse(env.rabbitmq_url()).unwrap();
+        url.set_username(&name).unwrap();
+        url.set_password(Some(&password)).unwrap();
+        Self {
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    /// Publishes `request` with `user_id` (or none); the broker's answer.
+    async fn publish(
+        &self,
+        env: &TestEnv,
+        request: &video_orchestrator::messages::VideoGenerationRequested,
+        user_id: Option<&str>,
+    ) -> Result<(), lapin::Error> {
+        use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+        use lapin::types::{AMQPValue, FieldTable};
+        let conn =
+            lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let e = env.topology().event(request);
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-virtual-key".into(),
+            AMQPValue::LongString(e.virtual_key.as_str().into()),
+        );
+        let mut properties = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(e.message_id.as_str().into())
+            .with_type(e.message_type.as_str().into())
+            .with_headers(headers);
+        if let Some(user) = user_id {
+            properties = properties.with_user_id(user.into());
+        }
+        let confirm = channel
+            .basic_publish(
+                e.exchange.as_str().into(),
+                e.routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &e.body,
+                properties,
+            )
+            .await?
+            .await;
+        let _ = conn.close(200, "done".into()).await;
+        confirm.map(|_| ())
+    }
+
+    async fn delete(self) {
+        rabbitmqctl(&["delete_user", &self.name]).await;
+    }
+}
+
+#[tokio::test]
+async fn a_broker_user_publishes_only_for_the_virtual_keys_security_allows() {
+    let sim = test_support::app::start_sim(300).await;
+    let mut env = test_support::app::env_with(&sim, &[]).await;
+    let alice = BrokerUser::create(&env, "alice").await;
+    let bob = BrokerUser::create(&env, "bob").await;
+    env.settings.security.publishers = [
+        (alice.name.clone(), vec!["vk-alice".to_owned()]),
+        (bob.name.clone(), vec!["vk-bob".to_owned()]),
+    ]
+    .into_iter()
+    .collect();
+    let events = env.events().await;
+    let service = test_support::Instance::start_all(&env.settings).await;
+    let done = std::time::Duration::from_secs(30);
+
+    let own = video_orchestrator::client::new_request("vk-alice", "sora-2", "alice's own");
+    alice
+        .publish(&env, &own, Some(&alice.name))
+        .await
+        .expect("alice publishes as herself");
+    events
+        .wait_for(
+            |e| e.is("video.generation.completed", &own.request_id),
+            done,
+        )
+        .await
+        .expect("an allowed publisher's request completes");
+
+    let forged =
+        video_orchestrator::client::new_request("vk-alice", "sora-2", "bob as alice's tenant");
+    bob.publish(&env, &forged, Some(&bob.name))
+        .await
+        .expect("the broker takes bob's own user_id");
+    let rejected = events
+        .wait_for(
+            |e| e.is("video.generation.command_rejected", &forged.request_id),
+            done,
+        )
+        .await
+        .expect("a publisher acting for another tenant is refused visibly");
+    assert_eq!(rejected.body["reason"], "publisher_not_allowed");
+    let unproven = video_orchestrator::client::new_request("vk-bob", "sora-2", "no user_id");
+    bob.publish(&env, &unproven, None).await.unwrap();
+    let rejected = events
+        .wait_for(
+            |e| e.is("video.generation.command_rejected", &unproven.request_id),
+            done,
+        )
+        .await
+        .expect("a command without user_id is refused");
+    assert_eq!(rejected.body["reason"], "publisher_not_allowed");
+
+    let impersonation =
+        video_orchestrator::client::new_request("vk-alice", "sora-2", "bob claims alice");
+    assert!(
+        bob.publish(&env, &impersonation, Some(&alice.name))
+            .await
+            .is_err(),
+        "RabbitMQ refuses a user_id that is not the connection's user"
+    );
+
+    let parked = test_support::eventually(done, || async {
+        let parked = env.store.list_parked(10).await.unwrap();
+        (parked.len() >= 2).then_some(parked)
+    })
+    .await
+    .expect("both refused commands are parked");
+    assert!(
+        parked
+            .iter()
+            .all(|p| p.reason.starts_with("publisher_not_allowed")),
+        "{parked:?}"
+    );
+    for id in [
+        &forged.request_id,
+        &unproven.request_id,
+        &impersonation.request_id,
+    ] {
+        assert!(
+            env.store.get(id).await.unwrap().is_none(),
+            "no task for {id}"
+        );
+    }
+    assert_eq!(
+        sim.stats().submits,
+        1,
+        "only alice's request reached the provider"
+    );
+
+    service.stop().await;
+    events.close().await;
+    alice.delete().await;
+    bob.delete().await;
+    sim.shutdown().await;
+    env.cleanup().await;
+}
