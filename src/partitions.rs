@@ -66,7 +66,7 @@ impl PartitionManager {
     }
 
     fn ttl(&self) -> Duration {
-        Duration::from_millis(self.settings.lease_ttl_ms)
+        self.settings.lease_ttl()
     }
 
     /// Creates lease rows for every partition (idempotent).
@@ -155,7 +155,7 @@ impl PartitionManager {
     /// finish) and releases the leases so another instance takes over at once.
     pub async fn run(self, stop: CancellationToken) {
         let mut running: BTreeMap<u16, Running> = BTreeMap::new();
-        let every = Duration::from_millis(self.settings.lease_heartbeat_ms);
+        let every = self.settings.lease_heartbeat();
         let ttl = self.ttl();
         let mut last_renewed = Instant::now();
         let mut seeded = false;

@@ -166,7 +166,7 @@ impl OutboxRelay {
 
     /// Runs until `stop`, then flushes what is left (bounded by `grace`).
     pub async fn run(self, stop: CancellationToken, grace: Duration) {
-        let poll = Duration::from_millis(self.settings.poll_interval_ms);
+        let poll = self.settings.poll_interval();
         let mut backoff = Duration::from_millis(100);
         let mut age_checked = tokio::time::Instant::now() - Duration::from_secs(1);
         let mut warned_stuck = false;

@@ -92,7 +92,7 @@ impl RetentionCleaner {
 
     /// Cleans every `retention.interval_ms` until `stop`.
     pub async fn run(self, stop: CancellationToken) {
-        let every = Duration::from_millis(self.settings.interval_ms);
+        let every = self.settings.interval();
         loop {
             if let Err(e) = self.clean_once().await {
                 warn!(error = %e, "retention cleanup failed; trying again next interval");

@@ -65,7 +65,7 @@ impl Sweeper {
     /// # Errors
     /// Database errors.
     pub async fn sweep_once(&self) -> Result<Sweep, StoreError> {
-        let grace = Duration::from_millis(self.tracking.sweeper_grace_ms);
+        let grace = self.tracking.sweeper_grace();
         let tier = self.topology.tier_at_most(self.tracking.min_interval_ms);
         let rearmed = self
             .store
@@ -102,7 +102,7 @@ impl Sweeper {
                 Err(e) => warn!(request_id = %task.request_id, error = %e, "re-arm not published"),
             }
         }
-        let pending_grace = Duration::from_millis(self.generation.pending_grace_ms);
+        let pending_grace = self.generation.pending_grace();
         let mut redriven = 0;
         // The generation orchestrator claims the task when the re-driven request arrives.
         for task in self.store.claim_stale_pending(pending_grace, 100).await? {
@@ -141,7 +141,7 @@ impl Sweeper {
 
     /// Sweeps every `tracking.sweeper_interval_ms` until `stop`.
     pub async fn run(self, stop: CancellationToken) {
-        let every = Duration::from_millis(self.tracking.sweeper_interval_ms);
+        let every = self.tracking.sweeper_interval();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,

@@ -148,9 +148,9 @@ impl BrokerOptions {
         Self {
             urls: r.node_urls(),
             connection_name: r.connection_name.clone(),
-            reconnect_initial: Duration::from_millis(r.reconnect_initial_ms),
-            reconnect_max: Duration::from_millis(r.reconnect_max_ms),
-            confirm_timeout: Duration::from_millis(r.confirm_timeout_ms),
+            reconnect_initial: r.reconnect_initial(),
+            reconnect_max: r.reconnect_max(),
+            confirm_timeout: r.confirm_timeout(),
             user_id: (!settings.security.publishers.is_empty())
                 .then(|| settings.rabbitmq.user())
                 .flatten(),

@@ -2,7 +2,6 @@
 //! `VideoGenerationStarted` and the first progress check, or a refusal.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rand::Rng;
 use tracing::{info, warn};
@@ -82,7 +81,7 @@ impl GenerationOrchestrator {
                 // crash, or a task idle past the grace period (claimed by one conditional
                 // UPDATE). A duplicate arriving while another instance submits is acknowledged,
                 // or the provider would get the job twice.
-                let grace = Duration::from_millis(self.settings.pending_grace_ms);
+                let grace = self.settings.pending_grace();
                 if !redelivered && !self.store.touch_pending(&r.request_id, grace).await? {
                     metrics::counter!("video_generation_duplicate_requests_total").increment(1);
                     info!("duplicate of a request being submitted elsewhere: ignored");
@@ -186,7 +185,7 @@ impl GenerationOrchestrator {
             metadata: r.metadata.clone(),
             traceparent: traceparent.clone(),
         };
-        let mut backoff = Duration::from_millis(self.settings.submit_backoff_initial_ms);
+        let mut backoff = self.settings.submit_backoff_initial();
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
@@ -200,8 +199,7 @@ impl GenerationOrchestrator {
                         _ = self.stop.cancelled() => return Err(HandleError::Shutdown),
                         _ = tokio::time::sleep(wait) => {}
                     }
-                    backoff = (backoff * 2)
-                        .min(Duration::from_millis(self.settings.submit_backoff_max_ms));
+                    backoff = (backoff * 2).min(self.settings.submit_backoff_max());
                 }
                 Err(e) => break Err(e),
             }

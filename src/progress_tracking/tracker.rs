@@ -162,7 +162,7 @@ impl ProgressTracker {
         }
         let started = task.started_at.unwrap_or(check.start_time);
         let elapsed = (now - started).to_std().unwrap_or_default();
-        if elapsed > Duration::from_millis(self.settings.max_duration_ms) {
+        if elapsed > self.settings.max_duration() {
             let finished = self.finished_message(&task, TaskOutcome::TimedOut, None);
             return self.finish(check, &task, finished, &traceparent).await;
         }
@@ -209,7 +209,7 @@ impl ProgressTracker {
 
     /// Time left before `tracking.max_duration_ms` since the task started.
     fn until_deadline(&self, elapsed: Duration) -> Duration {
-        Duration::from_millis(self.settings.max_duration_ms).saturating_sub(elapsed)
+        self.settings.max_duration().saturating_sub(elapsed)
     }
 
     /// Sends a check that arrived `early` round again, into the tier that brings it back closest

@@ -115,6 +115,16 @@ impl ProviderConfigError {
 }
 
 impl ProviderSettings {
+    /// `timeout_ms` as a duration.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms)
+    }
+
+    /// `max_retry_after_ms` as a duration.
+    pub fn max_retry_after(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.max_retry_after_ms)
+    }
+
     /// Checks the values of provider `name`.
     ///
     /// # Errors

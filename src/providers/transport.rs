@@ -128,7 +128,7 @@ impl HttpTransport {
     ) -> Result<Self, ProviderConfigError> {
         settings.validate(name)?;
         let authorization = settings.authorization(name)?;
-        let timeout = Duration::from_millis(settings.timeout_ms);
+        let timeout = settings.timeout();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
@@ -146,7 +146,7 @@ impl HttpTransport {
             timeout,
             permits: Semaphore::new(settings.max_concurrency),
             max_concurrency: settings.max_concurrency,
-            max_retry_after: Duration::from_millis(settings.max_retry_after_ms),
+            max_retry_after: settings.max_retry_after(),
         })
     }
 

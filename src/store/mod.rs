@@ -23,7 +23,6 @@ mod unit_of_work;
 mod webhooks;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -120,7 +119,7 @@ impl Store {
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
-            .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+            .acquire_timeout(settings.acquire_timeout())
             // sqlx already pings every connection as it goes back to the pool; a second ping on
             // acquire added one more round trip to every query (a third of the database work of
             // a progress check, see BENCHMARKS.md). A connection that died while idle fails its

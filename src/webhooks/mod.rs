@@ -39,7 +39,7 @@ pub async fn enqueue(
     event: &Envelope,
     settings: &WebhookSettings,
 ) -> Result<(), StoreError> {
-    let give_up_after = Duration::from_millis(settings.max_retry_ms);
+    let give_up_after = settings.max_retry();
     uow.enqueue_webhook(request_id, url, event, give_up_after)
         .await
 }
@@ -59,7 +59,7 @@ impl WebhookDispatcher {
     /// When the HTTP client cannot be built.
     pub fn new(store: Store, settings: WebhookSettings) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.timeout_ms))
+            .timeout(settings.timeout())
             .redirect(reqwest::redirect::Policy::none())
             .dns_resolver(Arc::new(VettedResolver::new(&settings.allowed_hosts)))
             .build()?;
