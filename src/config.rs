@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
@@ -531,50 +530,6 @@ pub struct ShutdownSettings {
     pub grace_ms: u64,
 }
 
-/// For each `*_ms` key a method giving it as a [`Duration`], so no caller converts milliseconds
-/// (the keys stay in milliseconds: they are the configuration's interface).
-macro_rules! durations {
-    ($($settings:ty { $($name:ident => $field:ident),+ $(,)? })+) => {
-        $(impl $settings {
-            $(
-                #[doc = concat!("`", stringify!($field), "` as a duration.")]
-                pub fn $name(&self) -> Duration {
-                    Duration::from_millis(self.$field)
-                }
-            )+
-        })+
-    };
-}
-
-durations! {
-    RabbitSettings {
-        reconnect_initial => reconnect_initial_ms,
-        reconnect_max => reconnect_max_ms,
-        confirm_timeout => confirm_timeout_ms,
-    }
-    DatabaseSettings { acquire_timeout => acquire_timeout_ms }
-    GenerationSettings {
-        pending_grace => pending_grace_ms,
-        submit_backoff_initial => submit_backoff_initial_ms,
-        submit_backoff_max => submit_backoff_max_ms,
-        retry_max => retry_max_ms,
-    }
-    TrackingSettings {
-        max_duration => max_duration_ms,
-        sweeper_grace => sweeper_grace_ms,
-        sweeper_interval => sweeper_interval_ms,
-        lease_ttl => lease_ttl_ms,
-        lease_heartbeat => lease_heartbeat_ms,
-    }
-    OutboxSettings { poll_interval => poll_interval_ms }
-    WebhookSettings {
-        timeout => timeout_ms,
-        max_retry => max_retry_ms,
-    }
-    RetentionSettings { interval => interval_ms }
-    ShutdownSettings { grace => grace_ms }
-}
-
 /// `serialize_with` for the providers, sorted by name so the output is stable.
 fn providers_redacted<S: Serializer>(
     providers: &HashMap<String, ProviderSettings>,
@@ -713,5 +668,6 @@ impl Settings {
     }
 }
 
+mod durations;
 #[cfg(test)]
 mod tests;
