@@ -290,6 +290,20 @@ pub struct GenerationSettings {
     pub retry_tiers_ms: Vec<u64>,
     /// How long a message may keep failing for transient reasons before it is parked.
     pub retry_max_ms: u64,
+    /// What to do with a submit whose outcome is unknown (no answer after sending, or a crash
+    /// before the job was recorded): the provider may have created a job.
+    pub ambiguous_submit: AmbiguousSubmit,
+}
+
+/// `generation.ambiguous_submit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AmbiguousSubmit {
+    /// The task fails, `retryable`, with `error: "submission outcome unknown"`: never a second
+    /// job billed silently; the client decides whether to ask again.
+    Fail,
+    /// Submit again: the task completes, at the risk of a second job at the provider.
+    Resubmit,
 }
 
 impl GenerationSettings {

@@ -1042,8 +1042,10 @@ fn provider_errors_expose_kind_and_delay() {
     let transient = ProviderError::Transient {
         message: "busy".to_owned(),
         retry_after: Some(Duration::from_secs(3)),
+        unanswered: false,
     };
     assert!(transient.is_transient());
+    assert!(!transient.unanswered());
     assert_eq!(transient.retry_after(), Some(Duration::from_secs(3)));
     let permanent = ProviderError::Permanent {
         message: "no".to_owned(),

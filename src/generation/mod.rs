@@ -15,6 +15,7 @@
 mod database_gate;
 mod ending;
 mod request;
+mod submit;
 mod validation;
 
 use std::sync::Arc;
@@ -87,6 +88,12 @@ enum HandleError {
 impl GenerationOrchestrator {
     /// Builds the orchestrator.
     pub fn new(deps: GenerationDeps) -> Self {
+        for provider in deps.providers.names() {
+            for outcome in submit::Submission::ALL {
+                metrics::counter!("video_provider_submissions_total", "provider" => provider.clone(), "outcome" => outcome.as_str())
+                    .increment(0);
+            }
+        }
         Self {
             store: deps.store,
             providers: deps.providers,

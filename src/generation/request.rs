@@ -1,18 +1,14 @@
 //! `VideoGenerationRequested`: the task row, the submit (once: a job is money), then
 //! `VideoGenerationStarted` and the first progress check, or a refusal.
 
-use std::sync::Arc;
-
-use rand::Rng;
 use tracing::{info, warn};
 
-use super::ending::Ending;
 use super::{GenerationOrchestrator, HandleError, Rejection};
 use crate::messages::{
     self, Message, Meta, VideoGenerationFailed, VideoGenerationRequested, VideoGenerationStarted,
     VideoProgressCheckRequested,
 };
-use crate::providers::{ProviderError, ProviderTask, SubmitRequest, VideoProvider};
+use crate::providers::{ProviderTask, VideoProvider};
 use crate::store::{Inserted, NewTask, TaskStatus, TransitionPatch};
 
 impl GenerationOrchestrator {
@@ -52,6 +48,7 @@ impl GenerationOrchestrator {
             provider: provider.name().to_owned(),
             ..new_task
         };
+        let mut prior = None;
         match uow.insert_task(&new_task, TaskStatus::Pending).await? {
             Inserted::New => uow.commit().await?,
             Inserted::Exists(task) if task.virtual_key_id != r.virtual_key_id => {
@@ -88,6 +85,7 @@ impl GenerationOrchestrator {
                     return Ok(());
                 }
                 info!("task still pending after an earlier attempt; resuming submission");
+                prior = Some(*task);
             }
             Inserted::Exists(task)
                 if task.status == TaskStatus::Cancelled && task.started_at.is_none() =>
@@ -111,7 +109,7 @@ impl GenerationOrchestrator {
                 return Ok(());
             }
         }
-        self.submit(&r, provider, traceparent).await
+        self.submit(&r, provider, traceparent, prior.as_ref()).await
     }
 
     /// Records the refused request as a failed task (so a retry with the same id is refused too)
@@ -169,65 +167,7 @@ impl GenerationOrchestrator {
         Ok(())
     }
 
-    /// Submits with bounded exponential backoff and jitter on transient errors.
-    async fn submit(
-        &self,
-        r: &VideoGenerationRequested,
-        provider: Arc<dyn VideoProvider>,
-        traceparent: Option<String>,
-    ) -> Result<(), HandleError> {
-        let request = SubmitRequest {
-            request_id: r.request_id.clone(),
-            model: r.model.clone(),
-            prompt: r.prompt.clone(),
-            duration_seconds: r.duration_seconds,
-            size: r.size.clone(),
-            metadata: r.metadata.clone(),
-            traceparent: traceparent.clone(),
-        };
-        let mut backoff = self.settings.submit_backoff_initial();
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            match provider.submit(&request).await {
-                Ok(task) => break Ok(task),
-                Err(e) if e.is_transient() && attempt < self.settings.submit_max_attempts => {
-                    let wait = e.retry_after().unwrap_or(backoff).max(backoff);
-                    let wait = wait.mul_f64(rand::rng().random_range(0.8..1.2));
-                    warn!(attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "submit failed; retrying");
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return Err(HandleError::Shutdown),
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                    backoff = (backoff * 2).min(self.settings.submit_backoff_max());
-                }
-                Err(e) => break Err(e),
-            }
-        };
-        match result {
-            Ok(provider_task) => {
-                self.on_submitted(r, provider.as_ref(), provider_task, traceparent)
-                    .await
-            }
-            Err(e) => {
-                let retryable = e.is_transient();
-                warn!(error = %e, retryable, attempts = attempt, "submit failed for good");
-                let error = match &e {
-                    ProviderError::Transient { message, .. } => {
-                        format!("provider unavailable after {attempt} attempts: {message}")
-                    }
-                    ProviderError::Permanent { message } => {
-                        format!("provider refused the request: {message}")
-                    }
-                };
-                let ending =
-                    Ending::failure(&r.request_id, &[TaskStatus::Pending], &error, retryable);
-                self.fail(ending, &traceparent).await
-            }
-        }
-    }
-
-    async fn on_submitted(
+    pub(super) async fn on_submitted(
         &self,
         r: &VideoGenerationRequested,
         provider: &dyn VideoProvider,

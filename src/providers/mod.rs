@@ -125,6 +125,9 @@ pub enum ProviderError {
         message: String,
         /// The provider's `Retry-After`, when it sent one.
         retry_after: Option<Duration>,
+        /// The request may have reached the provider and been acted on, with no answer back
+        /// (a timeout or a reset after sending): a submit may have created a job.
+        unanswered: bool,
     },
     /// Retrying would repeat the failure: other 4xx, a body we cannot understand.
     #[error("permanent provider error: {message}")]
@@ -139,6 +142,19 @@ impl ProviderError {
     #[must_use]
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Transient { .. })
+    }
+
+    /// Whether the provider may have acted on the request although we got no answer: a
+    /// submit that fails this way may have created a job, so it is not simply sent again.
+    #[must_use]
+    pub fn unanswered(&self) -> bool {
+        matches!(
+            self,
+            Self::Transient {
+                unanswered: true,
+                ..
+            }
+        )
     }
 
     /// How long the provider asked us to wait, when it said.
@@ -162,9 +178,11 @@ impl ProviderError {
             Self::Transient {
                 message,
                 retry_after,
+                unanswered,
             } => Self::Transient {
                 message: format!("{prefix}: {message}"),
                 retry_after,
+                unanswered,
             },
             Self::Permanent { message } => Self::Permanent {
                 message: format!("{prefix}: {message}"),

@@ -270,6 +270,7 @@ impl HttpTransport {
                         self.timeout
                     ),
                     retry_after: None,
+                    unanswered: false,
                 })
             }
         };
@@ -321,6 +322,7 @@ impl HttpTransport {
             Err(ProviderError::Transient {
                 message,
                 retry_after,
+                unanswered: false,
             })
         } else {
             Err(ProviderError::Permanent { message })
@@ -348,9 +350,12 @@ fn classify_reqwest(what: &str, error: &reqwest::Error) -> ProviderError {
     if error.is_builder() {
         ProviderError::Permanent { message }
     } else {
+        // A connection that never opened carried nothing; anything later (a timeout waiting
+        // for the answer, a reset mid-response) may have been acted on.
         ProviderError::Transient {
             message,
             retry_after: None,
+            unanswered: !error.is_connect(),
         }
     }
 }

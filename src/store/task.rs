@@ -122,6 +122,10 @@ pub struct Task {
     /// Left by a cancel that arrived before its request: refuses that tenant's request later,
     /// and gives way to another tenant's.
     pub tombstone: bool,
+    /// The submit in flight or last left unfinished: set before each POST to the provider,
+    /// cleared when the provider answered without creating a job. Set with no
+    /// `provider_task_id` after a crash, the attempt's outcome is unknown.
+    pub submit_attempt_id: Option<String>,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Task {
@@ -159,6 +163,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Task {
             last_check_at: row.try_get("last_check_at")?,
             tracking_stopped: row.try_get("tracking_stopped")?,
             tombstone: row.try_get("tombstone")?,
+            submit_attempt_id: row.try_get("submit_attempt_id")?,
         })
     }
 }

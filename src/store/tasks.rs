@@ -270,4 +270,69 @@ impl Store {
             .filter(|s| s.is_finite() && *s > 0.0)
             .map(Duration::from_secs_f64))
     }
+
+    /// Records the intent to submit, before the POST: succeeds only while the task is pending
+    /// with no provider job, and keeps its claim fresh (`updated_at`) so the sweeper leaves a
+    /// submit in progress alone.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn record_submit_attempt(
+        &self,
+        request_id: &str,
+        attempt_id: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE video_tasks SET submit_attempt_id = $2, submit_attempted_at = now(), updated_at = now()
+             WHERE request_id = $1 AND status = 'pending' AND provider_task_id IS NULL",
+        )
+        .bind(request_id)
+        .bind(attempt_id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Forgets an attempt the provider answered without creating a job.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn clear_submit_attempt(
+        &self,
+        request_id: &str,
+        attempt_id: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE video_tasks SET submit_attempt_id = NULL
+             WHERE request_id = $1 AND submit_attempt_id = $2",
+        )
+        .bind(request_id)
+        .bind(attempt_id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Records the provider's job of `attempt_id`, in a statement of its own the moment the job
+    /// is known. False when the task left `pending` meanwhile (cancelled while submitting).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn record_provider_job(
+        &self,
+        request_id: &str,
+        attempt_id: &str,
+        job_id: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE video_tasks SET provider_task_id = $3, updated_at = now()
+             WHERE request_id = $1 AND status = 'pending' AND submit_attempt_id = $2",
+        )
+        .bind(request_id)
+        .bind(attempt_id)
+        .bind(job_id)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
 }

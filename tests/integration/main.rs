@@ -7,5 +7,6 @@ mod proxy;
 mod retention;
 mod security;
 mod store;
+mod submit_once;
 mod topology;
 mod tracking;

@@ -1,0 +1,233 @@
+//! The submit, once per task: a job is money. The intent is recorded before each POST, the
+//! provider's job id the moment it is known (retried until it sticks: the job exists), and a
+//! task with a recorded job resumes from it instead of submitting again. An attempt whose
+//! outcome is unknown (no answer after sending; a crash before the job was recorded) is not
+//! simply sent again: `generation.ambiguous_submit` decides.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use tracing::{error, info, warn};
+
+use super::ending::Ending;
+use super::{GenerationOrchestrator, HandleError};
+use crate::config::AmbiguousSubmit;
+use crate::messages::VideoGenerationRequested;
+use crate::providers::{ProviderError, ProviderTask, SubmitRequest, VideoProvider};
+use crate::store::{Task, TaskStatus};
+
+/// How long a recorded job id may take to stick while the database is down: under RabbitMQ's
+/// `consumer_timeout` (30 min by default), which would take the delivery back meanwhile.
+const RECORD_JOB_FOR: Duration = Duration::from_secs(20 * 60);
+
+/// The error of a task failed because its submit's outcome is unknown.
+pub(super) const AMBIGUOUS_ERROR: &str = "submission outcome unknown";
+
+/// `outcome` of `video_provider_submissions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Submission {
+    /// The provider created the job and its id is recorded.
+    Accepted,
+    /// A job recorded earlier: tracking resumes, nothing is submitted.
+    Resumed,
+    /// Outcome unknown; the task failed (`ambiguous_submit = "fail"`).
+    AmbiguousFailed,
+    /// Outcome unknown; submitted again (`ambiguous_submit = "resubmit"`).
+    AmbiguousResubmitted,
+}
+
+impl Submission {
+    /// Every outcome, for metrics that exist from the first scrape.
+    pub(super) const ALL: [Submission; 4] = [
+        Self::Accepted,
+        Self::Resumed,
+        Self::AmbiguousFailed,
+        Self::AmbiguousResubmitted,
+    ];
+
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Resumed => "resumed",
+            Self::AmbiguousFailed => "ambiguous_failed",
+            Self::AmbiguousResubmitted => "ambiguous_resubmitted",
+        }
+    }
+
+    pub(super) fn count(self, provider: &str) {
+        metrics::counter!("video_provider_submissions_total", "provider" => provider.to_owned(), "outcome" => self.as_str())
+            .increment(1);
+    }
+}
+
+impl GenerationOrchestrator {
+    /// Submits `r` (with bounded exponential backoff and jitter on transient errors), or resumes
+    /// from what `prior` (the row of an earlier attempt) recorded.
+    pub(super) async fn submit(
+        &self,
+        r: &VideoGenerationRequested,
+        provider: Arc<dyn VideoProvider>,
+        traceparent: Option<String>,
+        prior: Option<&Task>,
+    ) -> Result<(), HandleError> {
+        let name = provider.name().to_owned();
+        if let Some(prior) = prior {
+            if let Some(job) = &prior.provider_task_id {
+                Submission::Resumed.count(&name);
+                info!(provider_task_id = %job, "the provider's job was recorded earlier; resuming it, nothing submitted");
+                let task = ProviderTask { id: job.clone() };
+                return self
+                    .on_submitted(r, provider.as_ref(), task, traceparent)
+                    .await;
+            }
+            if prior.submit_attempt_id.is_some()
+                && self.ambiguous(r, &name, &traceparent).await? == AmbiguousSubmit::Fail
+            {
+                return Ok(());
+            }
+        }
+        let request = SubmitRequest {
+            request_id: r.request_id.clone(),
+            model: r.model.clone(),
+            prompt: r.prompt.clone(),
+            duration_seconds: r.duration_seconds,
+            size: r.size.clone(),
+            metadata: r.metadata.clone(),
+            traceparent: traceparent.clone(),
+        };
+        let mut backoff = self.settings.submit_backoff_initial();
+        let mut attempt = 0;
+        let result = loop {
+            attempt += 1;
+            let attempt_id = uuid::Uuid::new_v4().to_string();
+            if !self
+                .store
+                .record_submit_attempt(&r.request_id, &attempt_id)
+                .await?
+            {
+                info!("the task no longer waits for a submit (cancelled, or its job recorded elsewhere)");
+                return Ok(());
+            }
+            let e = match provider.submit(&request).await {
+                Ok(job) => {
+                    if !self.record_job(&r.request_id, &attempt_id, &job.id).await? {
+                        info!(provider_task_id = %job.id, "task left pending while submitting; cancelling the provider job");
+                        if let Err(e) = provider.cancel(&job).await {
+                            warn!(error = %e, "could not cancel the orphaned provider job");
+                        }
+                        return Ok(());
+                    }
+                    Submission::Accepted.count(&name);
+                    break Ok(job);
+                }
+                Err(e) if e.unanswered() => {
+                    warn!(attempt, error = %e, "submit sent but not answered: the provider may have created the job");
+                    if self.ambiguous(r, &name, &traceparent).await? == AmbiguousSubmit::Fail {
+                        return Ok(());
+                    }
+                    e
+                }
+                Err(e) => {
+                    self.store
+                        .clear_submit_attempt(&r.request_id, &attempt_id)
+                        .await?;
+                    e
+                }
+            };
+            if !e.is_transient() || attempt >= self.settings.submit_max_attempts {
+                break Err(e);
+            }
+            let wait = e.retry_after().unwrap_or(backoff).max(backoff);
+            let wait = wait.mul_f64(rand::rng().random_range(0.8..1.2));
+            warn!(attempt, error = %e, retry_in_ms = wait.as_millis() as u64, "submit failed; retrying");
+            tokio::select! {
+                _ = self.stop.cancelled() => return Err(HandleError::Shutdown),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            backoff = (backoff * 2).min(self.settings.submit_backoff_max());
+        };
+        match result {
+            Ok(job) => {
+                self.on_submitted(r, provider.as_ref(), job, traceparent)
+                    .await
+            }
+            Err(e) => {
+                let retryable = e.is_transient();
+                warn!(error = %e, retryable, attempts = attempt, "submit failed for good");
+                let error = match &e {
+                    ProviderError::Transient { message, .. } => {
+                        format!("provider unavailable after {attempt} attempts: {message}")
+                    }
+                    ProviderError::Permanent { message } => {
+                        format!("provider refused the request: {message}")
+                    }
+                };
+                let ending =
+                    Ending::failure(&r.request_id, &[TaskStatus::Pending], &error, retryable);
+                self.fail(ending, &traceparent).await
+            }
+        }
+    }
+
+    /// A submit whose outcome is unknown: under `"fail"` the task fails (retryable) here; under
+    /// `"resubmit"` the caller submits again. Returns the policy applied.
+    async fn ambiguous(
+        &self,
+        r: &VideoGenerationRequested,
+        provider: &str,
+        traceparent: &Option<String>,
+    ) -> Result<AmbiguousSubmit, HandleError> {
+        let policy = self.settings.ambiguous_submit;
+        match policy {
+            AmbiguousSubmit::Fail => {
+                Submission::AmbiguousFailed.count(provider);
+                warn!("submission outcome unknown; failing the task (generation.ambiguous_submit = \"fail\")");
+                let ending =
+                    Ending::failure(&r.request_id, &[TaskStatus::Pending], AMBIGUOUS_ERROR, true);
+                self.fail(ending, traceparent).await?;
+            }
+            AmbiguousSubmit::Resubmit => {
+                Submission::AmbiguousResubmitted.count(provider);
+                warn!("submission outcome unknown; submitting again (generation.ambiguous_submit = \"resubmit\")");
+            }
+        }
+        Ok(policy)
+    }
+
+    /// Records the provider's job, retrying while the database fails: the job exists, so it must
+    /// not be forgotten. False when the task left `pending` meanwhile.
+    async fn record_job(
+        &self,
+        request_id: &str,
+        attempt_id: &str,
+        job_id: &str,
+    ) -> Result<bool, HandleError> {
+        let started = tokio::time::Instant::now();
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match self
+                .store
+                .record_provider_job(request_id, attempt_id, job_id)
+                .await
+            {
+                Ok(stuck) => return Ok(stuck),
+                Err(e) if e.is_transient() && started.elapsed() < RECORD_JOB_FOR => {
+                    warn!(provider_task_id = job_id, error = %e, "the provider's job is not recorded yet; retrying");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => {
+                            error!(provider_task_id = job_id, "shutting down before the provider's job was recorded: its outcome will count as unknown");
+                            return Err(HandleError::Shutdown);
+                        }
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    error!(provider_task_id = job_id, error = %e, "the provider's job could not be recorded: its outcome will count as unknown");
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+}

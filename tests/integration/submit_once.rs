@@ -1,0 +1,154 @@
+//! At most one provider job per task: the intent is recorded before the POST, the job id the
+//! moment it is known; an attempt whose outcome is unknown is failed (or resubmitted by policy),
+//! never silently sent again.
+
+use std::time::Duration;
+
+use test_support::app::spawn_app_with;
+use test_support::{spawn_app, TestApp};
+use video_orchestrator::client::new_request;
+use video_orchestrator::messages::VideoGenerationRequested;
+use video_orchestrator::providers::sim::SimFaults;
+use video_orchestrator::store::{NewTask, TaskStatus};
+
+const DONE: Duration = Duration::from_secs(30);
+
+/// A pending row for `request` as an instance killed mid-submit leaves it: an attempt recorded,
+/// maybe a job, and no touch for an hour (so the sweeper's or a duplicate's claim succeeds).
+async fn leave_pending(app: &TestApp, request: &VideoGenerationRequested, job: Option<&str>) {
+    let mut uow = app.env.store.begin().await.unwrap();
+    let task = NewTask {
+        request_id: request.request_id.clone(),
+        virtual_key_id: request.virtual_key_id.clone(),
+        model: request.model.clone(),
+        prompt: request.prompt.clone(),
+        provider: "sim".to_owned(),
+        ..NewTask::default()
+    };
+    uow.insert_task(&task, TaskStatus::Pending).await.unwrap();
+    uow.commit().await.unwrap();
+    sqlx::query(
+        "UPDATE video_tasks SET submit_attempt_id = 'crashed-attempt', submit_attempted_at = now() - interval '1 hour',
+             provider_task_id = $2, updated_at = now() - interval '1 hour'
+         WHERE request_id = $1",
+    )
+    .bind(&request.request_id)
+    .bind(job)
+    .execute(app.env.store.pool())
+    .await
+    .unwrap();
+}
+
+/// A job at the simulator, created the way the service would have created it.
+async fn job_at_the_simulator(app: &TestApp, prompt: &str) -> String {
+    let created: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/v1/videos", app.sim.base_url()))
+        .bearer_auth("sim-key")
+        .json(&serde_json::json!({ "model": "sora-2", "prompt": prompt }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    created["id"].as_str().expect("a job id").to_owned()
+}
+
+#[tokio::test]
+async fn a_recorded_job_is_resumed_and_never_submitted_again() {
+    let app = spawn_app(500).await;
+    let request = new_request("vk-once", "sora-2", "submitted before the crash");
+    let job = job_at_the_simulator(&app, &request.prompt).await;
+    leave_pending(&app, &request, Some(&job)).await;
+    app.submit(&request).await;
+    app.events
+        .wait_for(
+            |e| e.is("video.generation.completed", &request.request_id),
+            DONE,
+        )
+        .await
+        .expect("the task resumes from its recorded job and completes");
+    let task = app.task(&request.request_id).await;
+    assert_eq!(task.provider_task_id.as_deref(), Some(job.as_str()));
+    assert_eq!(
+        app.sim.stats().submits,
+        1,
+        "only the job made before the crash"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_attempt_of_unknown_outcome_fails_the_task_by_default_and_is_not_sent_again() {
+    let app = spawn_app(500).await;
+    let request = new_request(
+        "vk-once",
+        "sora-2",
+        "crashed between the POST and the record",
+    );
+    leave_pending(&app, &request, None).await;
+    app.submit(&request).await;
+    let failed = app
+        .events
+        .wait_for(
+            |e| e.is("video.generation.failed", &request.request_id),
+            DONE,
+        )
+        .await
+        .expect("the task fails");
+    assert_eq!(failed.body["error"], "submission outcome unknown");
+    assert_eq!(failed.body["retryable"], true);
+    assert_eq!(app.sim.stats().submits, 0, "nothing is sent again");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_attempt_of_unknown_outcome_is_resubmitted_when_the_policy_says_so() {
+    let app = spawn_app_with(500, &[("APP__GENERATION__AMBIGUOUS_SUBMIT", "resubmit")]).await;
+    let request = new_request("vk-once", "sora-2", "resubmitted by policy");
+    leave_pending(&app, &request, None).await;
+    app.submit(&request).await;
+    app.events
+        .wait_for(
+            |e| e.is("video.generation.completed", &request.request_id),
+            DONE,
+        )
+        .await
+        .expect("the task is submitted again and completes");
+    assert_eq!(app.sim.stats().submits, 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_submit_the_provider_never_answers_is_not_retried() {
+    let app = spawn_app_with(
+        500,
+        &[
+            ("APP__PROVIDERS__SIM__TIMEOUT_MS", "1000"),
+            ("APP__GENERATION__SUBMIT_MAX_ATTEMPTS", "5"),
+        ],
+    )
+    .await;
+    app.sim.set_faults(SimFaults {
+        latency_ms: 3000,
+        ..SimFaults::default()
+    });
+    let request = new_request("vk-once", "sora-2", "sent, then silence");
+    app.submit(&request).await;
+    let failed = app
+        .events
+        .wait_for(
+            |e| e.is("video.generation.failed", &request.request_id),
+            DONE,
+        )
+        .await
+        .expect("the task fails as unknown");
+    assert_eq!(failed.body["error"], "submission outcome unknown");
+    assert_eq!(
+        app.sim.stats().submits,
+        1,
+        "one POST: a timed-out submit may have created the job, so it is not sent again"
+    );
+    app.sim.set_faults(SimFaults::default());
+    app.stop().await;
+}
