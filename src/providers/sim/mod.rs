@@ -95,6 +95,7 @@ pub struct SimFaults {
     pub rate_limit_rate: f64,
     /// The `Retry-After` value of a 429, verbatim (default `1`): tests send a day, or a number
     /// of seconds no date can hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<String>,
     /// Delay added before answering.
     pub latency_ms: u64,
