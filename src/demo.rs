@@ -15,6 +15,7 @@ use crate::app::{Application, Role};
 use crate::client::{new_request, Client, EventStream};
 use crate::config::{Settings, Targets};
 use crate::providers::sim::{SimProvider, SimSettings};
+use crate::providers::ProviderKind;
 use crate::store::ScratchDatabase;
 use crate::topology::Topology;
 
@@ -25,6 +26,8 @@ pub struct DemoOptions {
     pub tasks: usize,
     /// Keep the prefix and database afterwards.
     pub keep: bool,
+    /// The protocol the simulated provider speaks (`demo --provider KIND`).
+    pub provider: ProviderKind,
 }
 
 #[derive(Debug, Default)]
@@ -165,10 +168,16 @@ pub async fn run(mut settings: Settings, options: DemoOptions) -> anyhow::Result
     )
     .await
     .context("starting the simulated provider")?;
-    if let Some(p) = settings.providers.get_mut("sim") {
-        p.base_url = sim.base_url();
+    // One provider, named after the protocol, speaking it to the simulator.
+    let name = options.provider.as_str().to_owned();
+    let mut provider = sim.provider_settings(options.provider);
+    if let Some(configured) = settings.providers.get("sim") {
+        provider.max_concurrency = configured.max_concurrency;
     }
-    settings.routing.default_provider = Some("sim".to_owned());
+    settings.providers.clear();
+    settings.providers.insert(name.clone(), provider);
+    settings.routing.models.clear();
+    settings.routing.default_provider = Some(name);
 
     let result = run_inner(&settings, &options, &prefix).await;
 
@@ -211,8 +220,8 @@ async fn run_inner(settings: &Settings, options: &DemoOptions, prefix: &str) -> 
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("█▉▊▋▌▍▎▏ ");
     println!(
-        "demo: {} tasks on prefix `{prefix}`, service and simulated provider in-process",
-        options.tasks
+        "demo: {} tasks on prefix `{prefix}`, service and simulated provider ({}) in-process",
+        options.tasks, options.provider
     );
     let keys = [
         "tenant-alpha",

@@ -68,6 +68,17 @@ pub(crate) fn secret_redacted<S: Serializer>(
     })
 }
 
+/// As [`secret_redacted`], for an optional secret (`None` serialises as none).
+pub(crate) fn optional_secret_redacted<S: Serializer>(
+    secret: &Option<SecretString>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match secret {
+        Some(secret) => secret_redacted(secret, s),
+        None => s.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,11 @@ enum Command {
         /// Keep the demo's prefix and database afterwards.
         #[arg(long)]
         keep: bool,
+        /// The protocol the simulated provider speaks to the service: any provider `kind`
+        /// (openai_videos, replicate, fal, vertex_veo, gemini, runway, kling, seedance,
+        /// dashscope, minimax, luma).
+        #[arg(long, default_value = "openai_videos")]
+        provider: crate::providers::ProviderKind,
     },
     /// Benchmark against the local RabbitMQ and PostgreSQL: the raw broker's hop rate, the
     /// service's check rate, scheduling lag and memory (service and simulator as child
@@ -209,7 +214,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reason,
         } => cancel(&request_id, &virtual_key, reason).await,
         Command::Bench(args) => bench(args).await,
-        Command::Demo { tasks, keep } => demo(tasks, keep).await,
+        Command::Demo {
+            tasks,
+            keep,
+            provider,
+        } => demo(tasks, keep, provider).await,
         Command::Parked {
             requeue: Some(id), ..
         } => parked_requeue(id).await,
@@ -398,11 +407,23 @@ async fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn demo(tasks: usize, keep: bool) -> anyhow::Result<ExitCode> {
+async fn demo(
+    tasks: usize,
+    keep: bool,
+    provider: crate::providers::ProviderKind,
+) -> anyhow::Result<ExitCode> {
     let settings = load_settings()?;
     // Logs would tear the progress bars: errors only, unless RUST_LOG says otherwise.
     crate::telemetry::init(LogFormat::Pretty, "error,lapin=off");
-    crate::demo::run(settings, crate::demo::DemoOptions { tasks, keep }).await?;
+    crate::demo::run(
+        settings,
+        crate::demo::DemoOptions {
+            tasks,
+            keep,
+            provider,
+        },
+    )
+    .await?;
     Ok(ExitCode::SUCCESS)
 }
 

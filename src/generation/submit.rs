@@ -14,7 +14,7 @@ use super::ending::Ending;
 use super::{GenerationOrchestrator, HandleError};
 use crate::config::AmbiguousSubmit;
 use crate::messages::VideoGenerationRequested;
-use crate::providers::{ProviderError, ProviderTask, SubmitRequest, VideoProvider};
+use crate::providers::{ProviderError, ProviderTask, SubmitLookup, SubmitRequest, VideoProvider};
 use crate::store::{Task, TaskStatus};
 
 /// How long a recorded job id may take to stick while the database is down: under RabbitMQ's
@@ -35,15 +35,19 @@ pub(super) enum Submission {
     AmbiguousFailed,
     /// Outcome unknown; submitted again (`ambiguous_submit = "resubmit"`).
     AmbiguousResubmitted,
+    /// Outcome unknown to us, but the provider found the attempt's job (a client-set id):
+    /// recorded and tracked, nothing submitted again.
+    AmbiguousResolved,
 }
 
 impl Submission {
     /// Every outcome, for metrics that exist from the first scrape.
-    pub(super) const ALL: [Submission; 4] = [
+    pub(super) const ALL: [Submission; 5] = [
         Self::Accepted,
         Self::Resumed,
         Self::AmbiguousFailed,
         Self::AmbiguousResubmitted,
+        Self::AmbiguousResolved,
     ];
 
     pub(super) fn as_str(self) -> &'static str {
@@ -52,12 +56,42 @@ impl Submission {
             Self::Resumed => "resumed",
             Self::AmbiguousFailed => "ambiguous_failed",
             Self::AmbiguousResubmitted => "ambiguous_resubmitted",
+            Self::AmbiguousResolved => "ambiguous_resolved",
         }
     }
 
     pub(super) fn count(self, provider: &str) {
         metrics::counter!("video_provider_submissions_total", "provider" => provider.to_owned(), "outcome" => self.as_str())
             .increment(1);
+    }
+}
+
+/// What asking the provider about an unanswered attempt leaves us with.
+enum Looked {
+    /// Its job, recorded.
+    Found(ProviderTask),
+    /// Its job, but the task left `pending` meanwhile: nothing more to do.
+    Done,
+    /// No job: submit.
+    Absent,
+    /// The provider cannot tell: the policy decides.
+    Unknowable,
+}
+
+fn submit_request(
+    r: &VideoGenerationRequested,
+    attempt_id: &str,
+    traceparent: &Option<String>,
+) -> SubmitRequest {
+    SubmitRequest {
+        request_id: r.request_id.clone(),
+        attempt_id: attempt_id.to_owned(),
+        model: r.model.clone(),
+        prompt: r.prompt.clone(),
+        duration_seconds: r.duration_seconds,
+        size: r.size.clone(),
+        metadata: r.metadata.clone(),
+        traceparent: traceparent.clone(),
     }
 }
 
@@ -81,26 +115,33 @@ impl GenerationOrchestrator {
                     .on_submitted(r, provider.as_ref(), task, traceparent)
                     .await;
             }
-            if prior.submit_attempt_id.is_some()
-                && self.ambiguous(r, &name, &traceparent).await? == AmbiguousSubmit::Fail
-            {
-                return Ok(());
+            if let Some(attempt_id) = &prior.submit_attempt_id {
+                let request = submit_request(r, attempt_id, &traceparent);
+                let at = prior.submit_attempted_at.unwrap_or(prior.updated_at);
+                match self.look_up(provider.as_ref(), &request, at).await? {
+                    Looked::Found(job) => {
+                        return self
+                            .on_submitted(r, provider.as_ref(), job, traceparent)
+                            .await
+                    }
+                    Looked::Done => return Ok(()),
+                    Looked::Absent => {}
+                    Looked::Unknowable => {
+                        if self.ambiguous(r, &name, &traceparent).await? == AmbiguousSubmit::Fail {
+                            return Ok(());
+                        }
+                    }
+                }
             }
         }
-        let request = SubmitRequest {
-            request_id: r.request_id.clone(),
-            model: r.model.clone(),
-            prompt: r.prompt.clone(),
-            duration_seconds: r.duration_seconds,
-            size: r.size.clone(),
-            metadata: r.metadata.clone(),
-            traceparent: traceparent.clone(),
-        };
+        let mut request = submit_request(r, "", &traceparent);
         let mut backoff = self.settings.submit_backoff_initial();
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
             let attempt_id = uuid::Uuid::new_v4().to_string();
+            request.attempt_id.clone_from(&attempt_id);
+            let attempted_at = chrono::Utc::now();
             if !self
                 .store
                 .record_submit_attempt(&r.request_id, &attempt_id)
@@ -123,8 +164,20 @@ impl GenerationOrchestrator {
                 }
                 Err(e) if e.unanswered() => {
                     warn!(attempt, error = %e, "submit sent but not answered: the provider may have created the job");
-                    if self.ambiguous(r, &name, &traceparent).await? == AmbiguousSubmit::Fail {
-                        return Ok(());
+                    match self
+                        .look_up(provider.as_ref(), &request, attempted_at)
+                        .await?
+                    {
+                        Looked::Found(job) => break Ok(job),
+                        Looked::Done => return Ok(()),
+                        Looked::Absent => {}
+                        Looked::Unknowable => {
+                            if self.ambiguous(r, &name, &traceparent).await?
+                                == AmbiguousSubmit::Fail
+                            {
+                                return Ok(());
+                            }
+                        }
                     }
                     e
                 }
@@ -156,7 +209,8 @@ impl GenerationOrchestrator {
                 let retryable = e.is_transient();
                 warn!(error = %e, retryable, attempts = attempt, "submit failed for good");
                 let error = match &e {
-                    ProviderError::Transient { message, .. } => {
+                    ProviderError::Transient { message, .. }
+                    | ProviderError::Throttled { message, .. } => {
                         format!("provider unavailable after {attempt} attempts: {message}")
                     }
                     ProviderError::Permanent { message } => {
@@ -166,6 +220,43 @@ impl GenerationOrchestrator {
                 let ending =
                     Ending::failure(&r.request_id, &[TaskStatus::Pending], &error, retryable);
                 self.fail(ending, &traceparent).await
+            }
+        }
+    }
+
+    /// Asks the provider what became of an attempt we got no answer to. A found job is
+    /// recorded (`Done` when the task left `pending` meanwhile); a failed lookup counts as
+    /// unknowable.
+    async fn look_up(
+        &self,
+        provider: &dyn VideoProvider,
+        request: &SubmitRequest,
+        attempted_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Looked, HandleError> {
+        match provider.find_submitted(request, attempted_at).await {
+            Ok(SubmitLookup::Found(job)) => {
+                info!(provider_task_id = %job.id, attempt_id = %request.attempt_id, "the provider found the job of the unanswered attempt");
+                if !self
+                    .record_job(&request.request_id, &request.attempt_id, &job.id)
+                    .await?
+                {
+                    info!(provider_task_id = %job.id, "task left pending meanwhile; cancelling the provider job");
+                    if let Err(e) = provider.cancel(&job).await {
+                        warn!(error = %e, "could not cancel the orphaned provider job");
+                    }
+                    return Ok(Looked::Done);
+                }
+                Submission::AmbiguousResolved.count(provider.name());
+                Ok(Looked::Found(job))
+            }
+            Ok(SubmitLookup::Absent) => {
+                info!(attempt_id = %request.attempt_id, "the provider has no job for the unanswered attempt; submitting is safe");
+                Ok(Looked::Absent)
+            }
+            Ok(SubmitLookup::Unknowable) => Ok(Looked::Unknowable),
+            Err(e) => {
+                warn!(error = %e, "could not ask the provider about the unanswered attempt");
+                Ok(Looked::Unknowable)
             }
         }
     }

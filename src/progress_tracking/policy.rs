@@ -97,7 +97,15 @@ pub fn schedule(topology: &Topology, wanted: Duration, at_least: Option<Duration
             delay_ms: wanted_ms,
         },
         _ => {
-            let tier = topology.tier_at_most(wanted_ms);
+            let mut tier = topology.tier_at_most(wanted_ms);
+            // The largest tier under the wanted delay may still be under the floor: then the
+            // smallest one over the floor (it exists: the floor is under `wanted` ≤ longest).
+            if let Some(min) = at_least {
+                let min_ms = u64::try_from(min.as_millis()).unwrap_or(u64::MAX);
+                if tier < min_ms {
+                    tier = topology.tier_at_least(min_ms);
+                }
+            }
             Schedule {
                 tier_ms: tier,
                 delay_ms: tier,
@@ -218,6 +226,30 @@ mod tests {
             Schedule {
                 tier_ms: 5000,
                 delay_ms: 5000
+            }
+        );
+        // A floor under a longer wanted delay: the tier under the wanted delay is below the
+        // floor, so the tier over the floor carries it.
+        assert_eq!(
+            schedule(
+                &t,
+                Duration::from_millis(8000),
+                Some(Duration::from_millis(6000))
+            ),
+            Schedule {
+                tier_ms: 10000,
+                delay_ms: 10000
+            }
+        );
+        assert_eq!(
+            schedule(
+                &t,
+                Duration::from_millis(12000),
+                Some(Duration::from_millis(5000))
+            ),
+            Schedule {
+                tier_ms: 10000,
+                delay_ms: 10000
             }
         );
     }

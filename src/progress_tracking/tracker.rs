@@ -325,7 +325,9 @@ impl ProgressTracker {
             elapsed,
             predicted_total,
         );
-        let s = schedule(&self.topology, interval, None)
+        // The provider's floor (Runway: 5 s) holds whatever the policy wanted.
+        let floor = self.providers.min_status_interval(&task.provider);
+        let s = schedule(&self.topology, interval, floor)
             .within(&self.topology, self.until_deadline(elapsed));
         let next = check.next(check.sequence + 1, s.due_at());
         let next_envelope = self
@@ -415,7 +417,12 @@ impl ProgressTracker {
         let interval = next_interval(&self.settings, check.interval_index + 1, elapsed, None);
         // A provider's Retry-After (capped by its max_retry_after_ms) never pushes the next
         // check past the deadline, where that check times the task out.
-        let s = schedule(&self.topology, interval, retry_after)
+        let floor = task.and_then(|t| self.providers.min_status_interval(&t.provider));
+        let at_least = match (retry_after, floor) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        let s = schedule(&self.topology, interval, at_least)
             .within(&self.topology, self.until_deadline(elapsed));
         let next = check.next(sequence, s.due_at());
         let envelope = self

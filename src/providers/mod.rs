@@ -3,10 +3,17 @@
 //! A [`VideoProvider`] submits a job, reports its status and (where the protocol allows) cancels it.
 //! Two adapters speak real HTTP protocols, one file each:
 //!
-//! - [`openai_videos`]: the OpenAI-compatible Videos API (`/v1/videos`), served by many gateways;
-//! - [`replicate`]: Replicate's predictions API (`/v1/predictions`).
+//! Each adapter speaks one real HTTP protocol, one file each (the `kind` in the configuration):
 //!
-//! [`sim`] is a simulated provider server speaking both protocols, a test double of the external
+//! - [`openai_videos`]: OpenAI-compatible Videos gateways (`/v1/videos`; OpenAI itself shut the
+//!   Videos API down on 2026-09-24, gateways still serve the shape);
+//! - [`replicate`]: Replicate's predictions API (`/v1/predictions`);
+//! - [`fal`]: fal.ai's queue API, in front of many hosted models;
+//! - [`vertex_veo`]: Google Veo on Vertex AI; [`gemini`]: Veo on the Gemini API;
+//! - [`runway`]: Runway's tasks API;
+//! - [`kling`], [`seedance`], [`dashscope`] (Alibaba Wan), [`minimax`], [`luma`].
+//!
+//! [`sim`] is a simulated provider server speaking every protocol, a test double of the external
 //! system used by the tests, the demo and the benchmarks.
 //!
 //! Errors are split the way callers branch: [`ProviderError::Transient`] (connection failure,
@@ -26,12 +33,21 @@
 //! This module knows HTTP and the providers' protocols, nothing of the broker, the store, the
 //! orchestrators or the configuration loader.
 
+pub mod dashscope;
+pub mod fal;
+pub mod gemini;
+pub mod kling;
+pub mod luma;
+pub mod minimax;
 pub mod openai_videos;
 mod registry;
 pub mod replicate;
+pub mod runway;
+pub mod seedance;
 mod settings;
 pub mod sim;
 mod transport;
+pub mod vertex_veo;
 
 use std::fmt;
 use std::time::Duration;
@@ -42,8 +58,12 @@ pub use settings::{ModelRoute, ProviderConfigError, ProviderSettings, RoutingSet
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct SubmitRequest {
-    /// Our request id (for logs; the protocols have no place for it).
+    /// Our request id (for logs; most protocols have no place for it).
     pub request_id: String,
+    /// This attempt's id (a UUID), recorded on the task before the request is sent: protocols
+    /// with a client-set id send it (Kling's `external_task_id`), so that an attempt whose answer
+    /// was lost can be found again ([`VideoProvider::find_submitted`]).
+    pub attempt_id: String,
     /// Model name as the provider knows it.
     pub model: String,
     /// Sent to the provider unchanged; the simulator reads steering tags such as `[fail]` in it.
@@ -105,6 +125,18 @@ pub struct ProviderStatus {
     pub error: Option<String>,
 }
 
+/// What a provider knows of a submit attempt whose answer we never read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitLookup {
+    /// The attempt created this job.
+    Found(ProviderTask),
+    /// The provider proves the attempt created no job: submitting again is safe.
+    Absent,
+    /// The protocol cannot tell (no client-set id, no listing to match on):
+    /// `generation.ambiguous_submit` decides.
+    Unknowable,
+}
+
 /// What a cancel achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -129,6 +161,15 @@ pub enum ProviderError {
         /// (a timeout or a reset after sending): a submit may have created a job.
         unanswered: bool,
     },
+    /// Not sent: this instance is at the provider's `max_status_rps`; ask again after
+    /// `retry_after`. Not the provider's error, so not counted as one.
+    #[error("provider call not sent: {message}")]
+    Throttled {
+        /// Which cap, for logs.
+        message: String,
+        /// When a call will be allowed.
+        retry_after: Duration,
+    },
     /// Retrying would repeat the failure: other 4xx, a body we cannot understand.
     #[error("permanent provider error: {message}")]
     Permanent {
@@ -141,7 +182,7 @@ impl ProviderError {
     /// Whether a retry may succeed.
     #[must_use]
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient { .. })
+        matches!(self, Self::Transient { .. } | Self::Throttled { .. })
     }
 
     /// Whether the provider may have acted on the request although we got no answer: a
@@ -162,6 +203,7 @@ impl ProviderError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Transient { retry_after, .. } => *retry_after,
+            Self::Throttled { retry_after, .. } => Some(*retry_after),
             Self::Permanent { .. } => None,
         }
     }
@@ -184,17 +226,34 @@ impl ProviderError {
                 retry_after,
                 unanswered,
             },
+            Self::Throttled {
+                message,
+                retry_after,
+            } => Self::Throttled {
+                message: format!("{prefix}: {message}"),
+                retry_after,
+            },
             Self::Permanent { message } => Self::Permanent {
                 message: format!("{prefix}: {message}"),
             },
         }
     }
 
+    /// The message, without the kind prefix.
+    #[must_use]
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Transient { message, .. }
+            | Self::Throttled { message, .. }
+            | Self::Permanent { message } => message,
+        }
+    }
+
     fn kind_label(&self) -> &'static str {
-        if self.is_transient() {
-            "transient"
-        } else {
-            "permanent"
+        match self {
+            Self::Transient { .. } => "transient",
+            Self::Throttled { .. } => "throttled",
+            Self::Permanent { .. } => "permanent",
         }
     }
 }
@@ -227,4 +286,19 @@ pub trait VideoProvider: Send + Sync + fmt::Debug {
     /// # Errors
     /// As for [`VideoProvider::submit`].
     async fn cancel(&self, task: &ProviderTask) -> Result<CancelOutcome, ProviderError>;
+
+    /// Asks whether the attempt `request.attempt_id`, sent at `attempted_at` and never answered,
+    /// created a job. The default, for protocols with neither a client-set id nor a listing to
+    /// match on, is [`SubmitLookup::Unknowable`].
+    ///
+    /// # Errors
+    /// As for [`VideoProvider::submit`]; the caller then treats the attempt as unknowable.
+    async fn find_submitted(
+        &self,
+        request: &SubmitRequest,
+        attempted_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<SubmitLookup, ProviderError> {
+        let _ = (request, attempted_at);
+        Ok(SubmitLookup::Unknowable)
+    }
 }

@@ -14,12 +14,11 @@ use chrono::{DateTime, Utc};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::transport::{bad_body, path_segment, HttpTransport, Operation, Request};
+use super::transport::{bad_body, path_segment, unknown_status, HttpTransport, Operation, Request};
 use super::{
     CancelOutcome, ProviderConfigError, ProviderError, ProviderSettings, ProviderState,
     ProviderStatus, ProviderTask, SubmitRequest, VideoProvider,
 };
-use crate::messages::truncate;
 
 /// A provider speaking the OpenAI-compatible Videos API.
 #[derive(Debug)]
@@ -87,11 +86,12 @@ pub fn parse_video(body: &[u8], base_url: &str) -> Result<ProviderStatus, Provid
         "completed" => ProviderState::Succeeded,
         "failed" => ProviderState::Failed,
         other => {
-            return Err(ProviderError::permanent(format!(
-                "openai video object {}: unknown status \"{}\" (expected queued, in_progress, completed or failed)",
-                video.id,
-                truncate(other, 50)
-            )))
+            return Err(unknown_status(
+                "openai_videos",
+                &video.id,
+                other,
+                "queued, in_progress, completed or failed",
+            ))
         }
     };
     let progress = match (state, video.progress) {
@@ -201,10 +201,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn unknown_status_is_a_permanent_error_naming_it() {
+    fn unknown_status_is_a_transient_error_naming_it() {
         let error = parse_video(br#"{"id":"video_1","status":"exploded"}"#, "http://x")
             .expect_err("unknown status");
-        assert!(!error.is_transient());
+        assert!(error.is_transient());
         assert!(error.to_string().contains("exploded"), "{error}");
     }
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    openai_videos, replicate, ProviderConfigError, ProviderSettings, RoutingSettings, VideoProvider,
+    dashscope, fal, gemini, kling, luma, minimax, openai_videos, replicate, runway, seedance,
+    vertex_veo, ProviderConfigError, ProviderSettings, RoutingSettings, VideoProvider,
 };
 
 /// Declares [`ProviderKind`] and how each kind is built, from one list, so that the two cannot
@@ -23,7 +24,12 @@ macro_rules! adapters {
         }
 
         impl ProviderKind {
-            fn build(
+            /// Builds the adapter of this kind for provider `name`.
+            ///
+            /// # Errors
+            /// [`ProviderConfigError`] naming `providers.<name>.<key>` when a setting is
+            /// unusable.
+            pub fn build(
                 self,
                 name: &str,
                 settings: &ProviderSettings,
@@ -42,12 +48,110 @@ adapters! {
     OpenaiVideos => openai_videos::OpenAiVideosProvider,
     /// Replicate's predictions API.
     Replicate => replicate::ReplicateProvider,
+    /// fal.ai's queue API, in front of many models.
+    Fal => fal::FalProvider,
+    /// Google Veo on Vertex AI (`predictLongRunning` / `fetchPredictOperation`).
+    VertexVeo => vertex_veo::VertexVeoProvider,
+    /// Veo on the Gemini API (`x-goog-api-key`, long-running operations).
+    Gemini => gemini::GeminiProvider,
+    /// Runway's tasks API.
+    Runway => runway::RunwayProvider,
+    /// Kling's video tasks API (JWT bearer).
+    Kling => kling::KlingProvider,
+    /// ByteDance Seedance on BytePlus ModelArk.
+    Seedance => seedance::SeedanceProvider,
+    /// Alibaba Wan on DashScope (asynchronous tasks).
+    Dashscope => dashscope::DashscopeProvider,
+    /// MiniMax (Hailuo) video generation.
+    Minimax => minimax::MinimaxProvider,
+    /// Luma Dream Machine generations.
+    Luma => luma::LumaProvider,
+}
+
+impl ProviderKind {
+    /// Every kind, in the order of the list above.
+    pub const ALL: [ProviderKind; 11] = [
+        Self::OpenaiVideos,
+        Self::Replicate,
+        Self::Fal,
+        Self::VertexVeo,
+        Self::Gemini,
+        Self::Runway,
+        Self::Kling,
+        Self::Seedance,
+        Self::Dashscope,
+        Self::Minimax,
+        Self::Luma,
+    ];
+
+    /// The configuration spelling, e.g. `vertex_veo`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OpenaiVideos => "openai_videos",
+            Self::Replicate => "replicate",
+            Self::Fal => "fal",
+            Self::VertexVeo => "vertex_veo",
+            Self::Gemini => "gemini",
+            Self::Runway => "runway",
+            Self::Kling => "kling",
+            Self::Seedance => "seedance",
+            Self::Dashscope => "dashscope",
+            Self::Minimax => "minimax",
+            Self::Luma => "luma",
+        }
+    }
+
+    /// The kind's own floor under the interval between two status checks of one job, in ms.
+    #[must_use]
+    pub fn default_min_status_interval_ms(self) -> u64 {
+        match self {
+            // "Do not poll more often than once every five seconds" (Runway's API guide).
+            Self::Runway => 5_000,
+            _ => 0,
+        }
+    }
+
+    /// The kind's own cap on status calls per second from one instance.
+    #[must_use]
+    pub fn default_max_status_rps(self) -> Option<f64> {
+        match self {
+            // DashScope allows 20 task queries per second per account.
+            Self::Dashscope => Some(20.0),
+            _ => None,
+        }
+    }
+}
+
+impl std::str::FromStr for ProviderKind {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+                format!(
+                    "unknown provider kind \"{text}\" (known: {})",
+                    known.join(", ")
+                )
+            })
+    }
+}
+
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The configured providers and the routing between them. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Providers {
     by_name: HashMap<String, Arc<dyn VideoProvider>>,
+    /// Provider name → the floor under its status-check interval, when it has one.
+    floors: HashMap<String, std::time::Duration>,
     /// Model → provider name.
     routes: HashMap<String, String>,
     default_provider: Option<String>,
@@ -65,8 +169,13 @@ impl Providers {
         routing: &RoutingSettings,
     ) -> Result<Self, ProviderConfigError> {
         let mut by_name = HashMap::new();
+        let mut floors = HashMap::new();
         for (name, provider) in settings {
             by_name.insert(name.clone(), provider.kind.build(name, provider)?);
+            let floor = provider.min_status_interval();
+            if !floor.is_zero() {
+                floors.insert(name.clone(), floor);
+            }
         }
         routing.validate(settings)?;
         let routes = routing
@@ -76,6 +185,7 @@ impl Providers {
             .collect();
         Ok(Self {
             by_name,
+            floors,
             routes,
             default_provider: routing.default_provider.clone(),
         })
@@ -101,6 +211,13 @@ impl Providers {
     #[must_use]
     pub fn get(&self, name: &str) -> Option<Arc<dyn VideoProvider>> {
         self.by_name.get(name).cloned()
+    }
+
+    /// The floor under the interval between two status checks of one job at provider `name`
+    /// (`providers.<name>.min_status_interval_ms` or the kind's default), when it has one.
+    #[must_use]
+    pub fn min_status_interval(&self, name: &str) -> Option<std::time::Duration> {
+        self.floors.get(name).copied()
     }
 
     /// The configured provider names, sorted.

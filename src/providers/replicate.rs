@@ -19,12 +19,11 @@ use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde::Deserialize;
 
-use super::transport::{bad_body, path_segment, HttpTransport, Operation, Request};
+use super::transport::{bad_body, path_segment, unknown_status, HttpTransport, Operation, Request};
 use super::{
     CancelOutcome, ProviderConfigError, ProviderError, ProviderSettings, ProviderState,
     ProviderStatus, ProviderTask, SubmitRequest, VideoProvider,
 };
-use crate::messages::truncate;
 
 /// How long Replicate keeps the output files of an API prediction after it completes.
 pub const OUTPUT_RETENTION: chrono::TimeDelta = chrono::TimeDelta::hours(1);
@@ -68,8 +67,8 @@ struct Prediction {
 /// Parses a prediction object (the body of `GET /v1/predictions/{id}`).
 ///
 /// # Errors
-/// [`ProviderError::Permanent`] describing the problem when the body is not a prediction object
-/// or its `status` is not one of the documented values.
+/// [`ProviderError::Permanent`] describing the problem when the body is not a prediction object;
+/// transient (and logged) when its `status` is not one of the documented values.
 pub fn parse_prediction(body: &[u8]) -> Result<ProviderStatus, ProviderError> {
     let prediction: Prediction =
         serde_json::from_slice(body).map_err(|e| bad_body("replicate prediction", body, &e))?;
@@ -81,11 +80,12 @@ pub fn parse_prediction(body: &[u8]) -> Result<ProviderStatus, ProviderError> {
         "failed" | "aborted" => ProviderState::Failed,
         "canceled" | "cancelled" => ProviderState::Cancelled,
         other => {
-            return Err(ProviderError::permanent(format!(
-                "replicate prediction {}: unknown status \"{}\" (expected starting, processing, succeeded, failed, canceled or aborted)",
-                prediction.id,
-                truncate(other, 50)
-            )))
+            return Err(unknown_status(
+                "replicate",
+                &prediction.id,
+                other,
+                "starting, processing, succeeded, failed, canceled or aborted",
+            ))
         }
     };
     let progress = match state {

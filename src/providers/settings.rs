@@ -39,6 +39,38 @@ pub struct ProviderSettings {
     /// (a day, or a number that would overflow a date) waits this long instead.
     #[serde(default = "default_max_retry_after_ms")]
     pub max_retry_after_ms: u64,
+    /// The shortest wait between two status checks of one job at this provider: a floor under
+    /// the tracker's interval (the kind's default when unset: Runway asks for 5 s, others none).
+    #[serde(default)]
+    pub min_status_interval_ms: Option<u64>,
+    /// At most this many status calls per second to this provider from this instance; a check
+    /// over the cap is rescheduled (never waited for), so other providers' checks go on. The
+    /// kind's default when unset (none for most kinds).
+    #[serde(default)]
+    pub max_status_rps: Option<f64>,
+    /// `fal`: the JSON pointer of the video URL in a request's result (default `/video/url`).
+    #[serde(default)]
+    pub output_pointer: Option<String>,
+    /// `runway`: the `X-Runway-Version` header (default `2024-11-06`).
+    #[serde(default)]
+    pub api_version: Option<String>,
+    /// `vertex_veo`: the Google Cloud project id.
+    #[serde(default)]
+    pub project: Option<String>,
+    /// `vertex_veo`: the region, e.g. `us-central1`.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// `vertex_veo`: a service-account key file (JSON); its key signs the JWT exchanged at its
+    /// `token_uri` for an access token, cached until shortly before it expires.
+    #[serde(default)]
+    pub service_account_key_file: Option<String>,
+    /// `vertex_veo`: an OAuth2 access token to send as is, instead of a key file.
+    #[serde(default, serialize_with = "crate::redact::optional_secret_redacted")]
+    pub access_token: Option<SecretString>,
+    /// `vertex_veo`: the `gs://` prefix Veo writes videos under (`parameters.storageUri`);
+    /// without it Veo answers inline bytes, which are refused.
+    #[serde(default)]
+    pub storage_uri: Option<String>,
 }
 
 fn default_max_retry_after_ms() -> u64 {
@@ -115,6 +147,47 @@ impl ProviderConfigError {
 }
 
 impl ProviderSettings {
+    /// A provider of `kind` at `base_url` with every other setting at its default (no key).
+    #[must_use]
+    pub fn new(kind: ProviderKind, base_url: impl Into<String>) -> Self {
+        Self {
+            kind,
+            base_url: base_url.into(),
+            api_key: SecretString::default(),
+            timeout_ms: default_timeout_ms(),
+            max_concurrency: default_max_concurrency(),
+            cancel_deletes: false,
+            max_retry_after_ms: default_max_retry_after_ms(),
+            min_status_interval_ms: None,
+            max_status_rps: None,
+            output_pointer: None,
+            api_version: None,
+            project: None,
+            location: None,
+            service_account_key_file: None,
+            access_token: None,
+            storage_uri: None,
+        }
+    }
+
+    /// The floor under the interval between two status checks of one job:
+    /// `min_status_interval_ms`, or the kind's default.
+    #[must_use]
+    pub fn min_status_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.min_status_interval_ms
+                .unwrap_or_else(|| self.kind.default_min_status_interval_ms()),
+        )
+    }
+
+    /// The cap on status calls per second from this instance: `max_status_rps`, or the kind's
+    /// default; `None` is no cap.
+    #[must_use]
+    pub fn max_status_rps(&self) -> Option<f64> {
+        self.max_status_rps
+            .or_else(|| self.kind.default_max_status_rps())
+    }
+
     /// `timeout_ms` as a duration.
     pub fn timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.timeout_ms)
@@ -172,8 +245,45 @@ impl ProviderSettings {
                 ),
             ));
         }
+        if let Some(rps) = self.max_status_rps {
+            if !(rps.is_finite() && rps > 0.0) {
+                return Err(ProviderConfigError::invalid(
+                    name,
+                    "max_status_rps",
+                    format!("must be a number greater than 0, got {rps}"),
+                ));
+            }
+        }
         self.authorization(name)?;
         Ok(())
+    }
+
+    /// A required kind-specific setting, or an error naming `providers.<name>.<field>`.
+    ///
+    /// # Errors
+    /// [`ProviderConfigError::Invalid`] when the setting is unset or empty.
+    pub(crate) fn required<'a>(
+        name: &str,
+        field: &str,
+        value: Option<&'a String>,
+    ) -> Result<&'a str, ProviderConfigError> {
+        match value.map(String::as_str) {
+            Some(value) if !value.trim().is_empty() => Ok(value),
+            _ => Err(ProviderConfigError::invalid(
+                name,
+                field,
+                "is required for this kind".to_owned(),
+            )),
+        }
+    }
+
+    /// An error naming `providers.<name>.<field>`, for adapters checking their own settings.
+    pub(crate) fn invalid(
+        name: &str,
+        field: &str,
+        reason: impl Into<String>,
+    ) -> ProviderConfigError {
+        ProviderConfigError::invalid(name, field, reason.into())
     }
 
     /// `Bearer <key>`, marked sensitive so that it stays out of any debug output; `None` when no
@@ -191,6 +301,33 @@ impl ProviderSettings {
             return Ok(None);
         }
         let mut value = HeaderValue::try_from(format!("Bearer {secret}")).map_err(|_| {
+            ProviderConfigError::invalid(
+                name,
+                "api_key",
+                "contains characters not allowed in an HTTP header".to_owned(),
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+}
+
+impl ProviderSettings {
+    /// `<prefix><key>` for schemes other than bearer (`Key <key>`, or the bare key for a header
+    /// of its own), marked sensitive; `None` when no key is configured.
+    ///
+    /// # Errors
+    /// As [`ProviderSettings::authorization`].
+    pub(crate) fn key_header(
+        &self,
+        prefix: &str,
+        name: &str,
+    ) -> Result<Option<HeaderValue>, ProviderConfigError> {
+        let secret = self.api_key.expose_secret();
+        if secret.is_empty() {
+            return Ok(None);
+        }
+        let mut value = HeaderValue::try_from(format!("{prefix}{secret}")).map_err(|_| {
             ProviderConfigError::invalid(
                 name,
                 "api_key",

@@ -1,11 +1,14 @@
-//! The HTTP side both adapters share: the client, base URL, key, concurrency limit, how a
-//! response becomes a [`ProviderError`], and the metrics. Each adapter only knows its paths and
-//! bodies.
+//! The HTTP side every adapter shares: the client, base URL, authentication, concurrency limit,
+//! the status-call rate cap, how a response becomes a [`ProviderError`], and the metrics. Each
+//! adapter only knows its paths, headers and bodies.
 
 use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION, RETRY_AFTER};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use tokio::sync::Semaphore;
@@ -29,6 +32,41 @@ impl Operation {
             Self::Cancel => "cancel",
         }
     }
+}
+
+/// How a provider authenticates each request.
+#[derive(Clone)]
+pub(crate) enum Auth {
+    /// `Authorization: Bearer <api_key>`; nothing when the key is empty.
+    Bearer,
+    /// `Authorization: Key <api_key>` (fal.ai).
+    Key,
+    /// The key alone in a header of its own (the Gemini API's `x-goog-api-key`).
+    Header(HeaderName),
+    /// An `Authorization` value made at run time (an OAuth2 access token, a signed JWT), asked
+    /// for before every request so that the source can refresh it.
+    Dynamic(Arc<dyn TokenSource>),
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Bearer => f.write_str("Bearer"),
+            Self::Key => f.write_str("Key"),
+            Self::Header(name) => write!(f, "Header({name})"),
+            Self::Dynamic(source) => write!(f, "Dynamic({source:?})"),
+        }
+    }
+}
+
+/// A source of `Authorization` header values that change over time.
+#[async_trait::async_trait]
+pub(crate) trait TokenSource: Send + Sync + fmt::Debug {
+    /// The value to send now (e.g. `Bearer ya29…`), marked sensitive.
+    ///
+    /// # Errors
+    /// Transient when the token service could not be reached, permanent when it refused.
+    async fn authorization(&self) -> Result<HeaderValue, ProviderError>;
 }
 
 /// One request to a provider: what to send, and which non-2xx statuses still count as success.
@@ -56,13 +94,13 @@ impl<'a> Request<'a> {
     }
 
     /// Sends `body` as JSON.
-    fn json(mut self, body: &'a serde_json::Value) -> Self {
+    pub(crate) fn json(mut self, body: &'a serde_json::Value) -> Self {
         self.body = Some(body);
         self
     }
 
     /// Sends the W3C trace context as the `traceparent` header, when there is one.
-    fn traceparent(mut self, traceparent: Option<&'a str>) -> Self {
+    pub(crate) fn traceparent(mut self, traceparent: Option<&'a str>) -> Self {
         self.traceparent = traceparent;
         self
     }
@@ -75,7 +113,7 @@ impl<'a> Request<'a> {
     }
 
     /// `METHOD /path`, for error messages.
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!("{} {}", self.method.as_str(), self.path)
     }
 }
@@ -84,7 +122,11 @@ impl<'a> Request<'a> {
 pub(crate) struct HttpTransport {
     name: String,
     base_url: String,
+    auth: Auth,
+    /// `Authorization` (or the key header) for the static schemes; `None` when no key is set.
     authorization: Option<HeaderValue>,
+    /// Sent with every request (e.g. `X-Runway-Version`).
+    headers: HeaderMap,
     client: reqwest::Client,
     timeout: Duration,
     /// Why a semaphore and not only a connection pool limit: the pool limits idle connections,
@@ -93,6 +135,8 @@ pub(crate) struct HttpTransport {
     max_concurrency: usize,
     /// `providers.<name>.max_retry_after_ms`: the longest `Retry-After` taken at its word.
     max_retry_after: Duration,
+    /// `providers.<name>.max_status_rps`: status calls over it are not sent.
+    status_limit: Option<(f64, DefaultDirectRateLimiter)>,
 }
 
 impl fmt::Debug for HttpTransport {
@@ -101,6 +145,7 @@ impl fmt::Debug for HttpTransport {
         f.debug_struct("HttpTransport")
             .field("name", &self.name)
             .field("base_url", &self.base_url)
+            .field("auth", &self.auth)
             .field(
                 "authorization",
                 &self.authorization.as_ref().map(|_| "[REDACTED]"),
@@ -126,8 +171,30 @@ impl HttpTransport {
         name: &str,
         settings: &ProviderSettings,
     ) -> Result<Self, ProviderConfigError> {
+        Self::with_auth(name, settings, Auth::Bearer, HeaderMap::new())
+    }
+
+    /// As [`HttpTransport::new`], authenticating with `auth` and sending `headers` with every
+    /// request.
+    ///
+    /// # Errors
+    /// [`ProviderConfigError`] naming `providers.<name>.<key>`.
+    pub(crate) fn with_auth(
+        name: &str,
+        settings: &ProviderSettings,
+        auth: Auth,
+        headers: HeaderMap,
+    ) -> Result<Self, ProviderConfigError> {
         settings.validate(name)?;
-        let authorization = settings.authorization(name)?;
+        let authorization = match &auth {
+            Auth::Bearer => settings.authorization(name)?,
+            Auth::Key => settings.key_header("Key ", name)?,
+            Auth::Header(_) => settings.key_header("", name)?,
+            Auth::Dynamic(_) => None,
+        };
+        let status_limit = settings
+            .max_status_rps()
+            .map(|rps| (rps, status_limiter(rps)));
         let timeout = settings.timeout();
         let client = reqwest::Client::builder()
             .timeout(timeout)
@@ -141,12 +208,15 @@ impl HttpTransport {
         Ok(Self {
             name: name.to_owned(),
             base_url: settings.base_url.trim_end_matches('/').to_owned(),
+            auth,
             authorization,
+            headers,
             client,
             timeout,
             permits: Semaphore::new(settings.max_concurrency),
             max_concurrency: settings.max_concurrency,
             max_retry_after: settings.max_retry_after(),
+            status_limit,
         })
     }
 
@@ -176,6 +246,23 @@ impl HttpTransport {
             self.record_error(operation, error);
         }
         result
+    }
+
+    /// `POST path` with `body`, creating a job; the job is read from the answer with `parse`.
+    ///
+    /// # Errors
+    /// As [`HttpTransport::send`], or the error of `parse`.
+    pub(crate) async fn submit_with(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        traceparent: Option<&str>,
+        parse: impl FnOnce(&[u8]) -> Result<ProviderTask, ProviderError>,
+    ) -> Result<ProviderTask, ProviderError> {
+        let request = Request::new(Operation::Submit, Method::POST, path)
+            .json(body)
+            .traceparent(traceparent);
+        self.send_parsed(request, parse).await
     }
 
     /// `POST path` with `body`, creating a job; returns the job's `id` from the answer.
@@ -223,7 +310,7 @@ impl HttpTransport {
 
     /// Sends one request and reads the success body with `parse`; a parse error is prefixed with
     /// the provider's name and counted like any other error.
-    async fn send_parsed<T>(
+    pub(crate) async fn send_parsed<T>(
         &self,
         request: Request<'_>,
         parse: impl FnOnce(&[u8]) -> Result<T, ProviderError>,
@@ -249,6 +336,25 @@ impl HttpTransport {
     }
 
     async fn send_within_limits(&self, request: Request<'_>) -> Result<Vec<u8>, ProviderError> {
+        if request.operation == Operation::Status {
+            if let Some((rps, limiter)) = &self.status_limit {
+                if let Err(not_until) = limiter.check() {
+                    let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                        &governor::clock::DefaultClock::default(),
+                    ));
+                    metrics::counter!("video_provider_throttled_total", "provider" => self.name.clone())
+                        .increment(1);
+                    return Err(ProviderError::Throttled {
+                        message: format!(
+                            "{}: {}: at max_status_rps={rps} on this instance",
+                            self.name,
+                            request.describe()
+                        ),
+                        retry_after: wait.max(Duration::from_millis(1)),
+                    });
+                }
+            }
+        }
         // Bounded wait: a saturated provider should surface as a retryable error, not as callers
         // piling up behind the semaphore forever.
         let _permit = match tokio::time::timeout(self.timeout, self.permits.acquire()).await {
@@ -291,9 +397,22 @@ impl HttpTransport {
         let mut url = String::with_capacity(self.base_url.len() + request.path.len());
         url.push_str(&self.base_url);
         url.push_str(request.path);
-        let mut builder = self.client.request(request.method, url);
-        if let Some(authorization) = &self.authorization {
-            builder = builder.header(AUTHORIZATION, authorization.clone());
+        let mut builder = self
+            .client
+            .request(request.method, url)
+            .headers(self.headers.clone());
+        match (&self.auth, &self.authorization) {
+            (Auth::Dynamic(source), _) => {
+                let value = source.authorization().await.map_err(|e| e.context(&what))?;
+                builder = builder.header(AUTHORIZATION, value);
+            }
+            (Auth::Header(name), Some(value)) => {
+                builder = builder.header(name.clone(), value.clone());
+            }
+            (Auth::Bearer | Auth::Key, Some(value)) => {
+                builder = builder.header(AUTHORIZATION, value.clone());
+            }
+            (_, None) => {}
         }
         if let Some(traceparent) = request.traceparent {
             if let Ok(value) = HeaderValue::from_str(traceparent) {
@@ -327,6 +446,36 @@ impl HttpTransport {
         } else {
             Err(ProviderError::Permanent { message })
         }
+    }
+}
+
+/// A limiter allowing `rps` calls per second on average, in bursts of at most `max(1, rps)`.
+fn status_limiter(rps: f64) -> DefaultDirectRateLimiter {
+    let period = Duration::from_secs_f64((1.0 / rps).clamp(1e-9, 86_400.0));
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    // rps is finite and positive (validated); the burst is clamped into u32's range first.
+    let burst =
+        NonZeroU32::new(rps.clamp(1.0, f64::from(u32::MAX)) as u32).unwrap_or(NonZeroU32::MIN);
+    let quota = Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+        .allow_burst(burst);
+    RateLimiter::direct(quota)
+}
+
+/// A status value the protocol does not document: a transient error (the provider may have
+/// added a state; the next check asks again), logged loudly so that the adapter gets updated.
+pub(crate) fn unknown_status(
+    provider: &str,
+    job: &str,
+    status: &str,
+    expected: &str,
+) -> ProviderError {
+    let status = truncate(status, 50);
+    tracing::warn!(provider, job, status = %status, expected, "the provider answered a status this adapter does not know; asking again later");
+    ProviderError::Transient {
+        message: format!("{provider} job {job}: unknown status \"{status}\" (expected {expected})"),
+        retry_after: None,
+        unanswered: false,
     }
 }
 

@@ -126,6 +126,8 @@ pub struct Task {
     /// cleared when the provider answered without creating a job. Set with no
     /// `provider_task_id` after a crash, the attempt's outcome is unknown.
     pub submit_attempt_id: Option<String>,
+    /// When `submit_attempt_id` was recorded, i.e. just before its POST.
+    pub submit_attempted_at: Option<DateTime<Utc>>,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Task {
@@ -164,6 +166,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Task {
             tracking_stopped: row.try_get("tracking_stopped")?,
             tombstone: row.try_get("tombstone")?,
             submit_attempt_id: row.try_get("submit_attempt_id")?,
+            submit_attempted_at: row.try_get("submit_attempted_at")?,
         })
     }
 }

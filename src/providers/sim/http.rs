@@ -1,5 +1,5 @@
-//! What both simulated protocols share over HTTP: bearer authentication and injected faults
-//! ([`guard`]), each protocol's error shape, JSON bodies, and the finished file.
+//! What the simulated protocols share over HTTP: authentication and injected faults ([`guard`])
+//! through each protocol's [`Protocol`], JSON bodies, and the finished file.
 
 use std::time::{Duration, Instant};
 
@@ -10,11 +10,47 @@ use serde::Serialize;
 
 use super::state::{lock, roll, Phase, SimState};
 
-/// Which protocol a request came in, for the shape of its error body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Protocol {
-    OpenAi,
-    Replicate,
+/// What tells one simulated protocol's requests apart: how a caller authenticates, and the shape
+/// of an error body. Each protocol file defines its own as a `const`.
+#[derive(Clone, Copy)]
+pub(super) struct Protocol {
+    /// Whether the request carries this protocol's credentials (see [`key_accepted`]).
+    pub(super) authorised: fn(&SimState, &HeaderMap) -> bool,
+    /// The protocol's error body for a status and a message.
+    pub(super) error_body: fn(StatusCode, &str) -> serde_json::Value,
+}
+
+/// Whether `presented` (the credential a request carried, already stripped of its scheme) is
+/// acceptable: the exact key when [`super::SimSettings::api_key`] is set, else any non-empty one.
+pub(super) fn key_accepted(state: &SimState, presented: Option<&str>) -> bool {
+    match (
+        presented.map(str::trim).filter(|k| !k.is_empty()),
+        &state.settings.api_key,
+    ) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(key), Some(expected)) => key == expected,
+    }
+}
+
+/// The value of header `name` after `prefix` (e.g. `Authorization`, `Bearer `), if present.
+pub(super) fn header_after<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+    prefix: &str,
+) -> Option<&'h str> {
+    headers
+        .get(name)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix(prefix))
+}
+
+/// `Authorization: Bearer <key>`, the scheme most protocols use.
+pub(super) fn bearer_authorised(state: &SimState, headers: &HeaderMap) -> bool {
+    key_accepted(
+        state,
+        header_after(headers, AUTHORIZATION.as_str(), "Bearer "),
+    )
 }
 
 pub(super) fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
@@ -37,25 +73,9 @@ pub(super) fn to_json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     }
 }
 
-/// An error in each protocol's own shape: OpenAI's `{"error": {...}}`, Replicate's problem
-/// details `{"title", "detail", "status"}`.
+/// An error in the protocol's own shape.
 pub(super) fn error_response(protocol: Protocol, status: StatusCode, message: &str) -> Response {
-    let body = match protocol {
-        Protocol::OpenAi => serde_json::json!({
-            "error": {
-                "message": message,
-                "type": if status.is_client_error() { "invalid_request_error" } else { "server_error" },
-                "param": null,
-                "code": null,
-            }
-        }),
-        Protocol::Replicate => serde_json::json!({
-            "title": status.canonical_reason().unwrap_or("Error"),
-            "detail": message,
-            "status": status.as_u16(),
-        }),
-    };
-    to_json(status, &body)
+    to_json(status, &(protocol.error_body)(status, message))
 }
 
 /// Authentication and injected faults, common to every protocol request. `Some` is the response
@@ -65,22 +85,12 @@ pub(super) async fn guard(
     headers: &HeaderMap,
     protocol: Protocol,
 ) -> Option<Response> {
-    let token = headers
-        .get(AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|token| !token.is_empty());
-    let authorised = match (token, &state.settings.api_key) {
-        (None, _) => false,
-        (Some(_), None) => true,
-        (Some(token), Some(expected)) => token == expected,
-    };
+    let authorised = (protocol.authorised)(state, headers);
     if !authorised {
         return Some(error_response(
             protocol,
             StatusCode::UNAUTHORIZED,
-            "missing or invalid bearer token",
+            "missing or invalid credentials",
         ));
     }
     let faults = lock(&state.faults).clone();

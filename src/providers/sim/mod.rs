@@ -35,10 +35,19 @@
 //! faults, error shapes). A new protocol is one more file and one `merge` in `router`.
 
 mod control;
+mod dashscope;
+mod fal;
+mod gemini;
 mod http;
+mod kling;
+mod luma;
+mod minimax;
 mod openai_videos;
 mod replicate;
+mod runway;
+mod seedance;
 mod state;
+mod vertex_veo;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -51,7 +60,10 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use secrecy::ExposeSecret;
 use state::{lock, SimState};
+
+use crate::providers::{ProviderKind, ProviderSettings};
 
 /// How the simulated provider behaves (fixed for the server's life; see [`SimFaults`] for what
 /// can change at run time).
@@ -194,6 +206,36 @@ impl SimHandle {
         format!("http://{}", self.addr)
     }
 
+    /// Settings for a provider of `kind` served by this simulator (base URL, and whatever
+    /// credentials that protocol needs), with every other setting at its default.
+    #[must_use]
+    pub fn provider_settings(&self, kind: ProviderKind) -> ProviderSettings {
+        let base = self.base_url();
+        let mut settings = match kind {
+            ProviderKind::OpenaiVideos => openai_videos::provider_settings(&base),
+            ProviderKind::Replicate => replicate::provider_settings(&base),
+            ProviderKind::Fal => fal::provider_settings(&base),
+            ProviderKind::VertexVeo => vertex_veo::provider_settings(&base),
+            ProviderKind::Gemini => gemini::provider_settings(&base),
+            ProviderKind::Runway => runway::provider_settings(&base),
+            ProviderKind::Kling => kling::provider_settings(&base),
+            ProviderKind::Seedance => seedance::provider_settings(&base),
+            ProviderKind::Dashscope => dashscope::provider_settings(&base),
+            ProviderKind::Minimax => minimax::provider_settings(&base),
+            ProviderKind::Luma => luma::provider_settings(&base),
+        };
+        if settings.api_key.expose_secret().is_empty() {
+            settings.api_key = self
+                .state
+                .settings
+                .api_key
+                .clone()
+                .unwrap_or_else(|| "sim-key".to_owned())
+                .into();
+        }
+        settings
+    }
+
     /// A snapshot of the counters.
     #[must_use]
     pub fn stats(&self) -> SimStats {
@@ -288,6 +330,15 @@ fn router(state: Shared) -> Router {
     Router::new()
         .merge(openai_videos::routes())
         .merge(replicate::routes())
+        .merge(fal::routes())
+        .merge(vertex_veo::routes())
+        .merge(gemini::routes())
+        .merge(runway::routes())
+        .merge(kling::routes())
+        .merge(seedance::routes())
+        .merge(dashscope::routes())
+        .merge(minimax::routes())
+        .merge(luma::routes())
         .merge(control::routes())
         .with_state(state)
 }

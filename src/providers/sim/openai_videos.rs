@@ -13,11 +13,32 @@ use axum::Router;
 use serde::Serialize;
 
 use super::http::{
-    error_response, file_response, guard, json_response, parse_body, seconds_field, to_json,
-    Protocol,
+    bearer_authorised, error_response, file_response, guard, json_response, parse_body,
+    seconds_field, to_json, Protocol,
 };
 use super::state::{lock, Job, JobRequest, Phase, SimState, FAILURE_MESSAGE};
 use super::Shared;
+use crate::providers::{ProviderKind, ProviderSettings};
+
+/// Bearer keys; errors as `{"error": {"message", "type", "param", "code"}}`.
+pub(super) const OPENAI: Protocol = Protocol {
+    authorised: bearer_authorised,
+    error_body: |status, message| {
+        serde_json::json!({
+            "error": {
+                "message": message,
+                "type": if status.is_client_error() { "invalid_request_error" } else { "server_error" },
+                "param": null,
+                "code": null,
+            }
+        })
+    },
+};
+
+/// Settings for a provider of this kind served by the simulator at `base_url`.
+pub(super) fn provider_settings(base_url: &str) -> ProviderSettings {
+    ProviderSettings::new(ProviderKind::OpenaiVideos, base_url)
+}
 
 pub(super) fn routes() -> Router<Shared> {
     Router::new()
@@ -94,22 +115,22 @@ fn render_video(id: &str, job: &Job, now: Instant) -> Vec<u8> {
 
 async fn create_video(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
     state.submits.fetch_add(1, Ordering::Relaxed);
-    if let Some(response) = guard(&state, &headers, Protocol::OpenAi).await {
+    if let Some(response) = guard(&state, &headers, OPENAI).await {
         return response;
     }
     let request = match parse_body(&body) {
         Ok(request) => request,
-        Err(reason) => return error_response(Protocol::OpenAi, StatusCode::BAD_REQUEST, &reason),
+        Err(reason) => return error_response(OPENAI, StatusCode::BAD_REQUEST, &reason),
     };
     let Some(prompt) = request.get("prompt").and_then(|p| p.as_str()) else {
         return error_response(
-            Protocol::OpenAi,
+            OPENAI,
             StatusCode::BAD_REQUEST,
             "missing required parameter: prompt",
         );
     };
     if let Some((status, message)) = state.submit_refusal(prompt) {
-        return error_response(Protocol::OpenAi, status, message);
+        return error_response(OPENAI, status, message);
     }
     let model = request
         .get("model")
@@ -128,8 +149,16 @@ async fn create_video(State(state): State<Shared>, headers: HeaderMap, body: Byt
         prompt: prompt.to_owned(),
         clip_seconds,
         size,
+        external_id: None,
     };
     let id = state.create_job(id, request);
+    if state.answer_lost(prompt).await {
+        return error_response(
+            OPENAI,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "simulated lost answer",
+        );
+    }
     video_response(&state, &id)
 }
 
@@ -139,7 +168,7 @@ async fn get_video(
     headers: HeaderMap,
 ) -> Response {
     state.count_status_call(&id);
-    if let Some(response) = guard(&state, &headers, Protocol::OpenAi).await {
+    if let Some(response) = guard(&state, &headers, OPENAI).await {
         return response;
     }
     video_response(&state, &id)
@@ -155,7 +184,7 @@ fn video_response(state: &SimState, id: &str) -> Response {
 
 fn video_not_found(id: &str) -> Response {
     error_response(
-        Protocol::OpenAi,
+        OPENAI,
         StatusCode::NOT_FOUND,
         &format!("Video with id '{id}' not found."),
     )
@@ -166,7 +195,7 @@ async fn delete_video(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(response) = guard(&state, &headers, Protocol::OpenAi).await {
+    if let Some(response) = guard(&state, &headers, OPENAI).await {
         return response;
     }
     let removed = lock(state.shard(&id)).remove(&id);
@@ -184,8 +213,8 @@ async fn video_content(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(response) = guard(&state, &headers, Protocol::OpenAi).await {
+    if let Some(response) = guard(&state, &headers, OPENAI).await {
         return response;
     }
-    file_response(&state, &id, Protocol::OpenAi)
+    file_response(&state, &id, OPENAI)
 }

@@ -16,11 +16,29 @@ use rand::Rng;
 use serde::Serialize;
 
 use super::http::{
-    error_response, file_response, guard, json_response, parse_body, public_base, seconds_field,
-    Protocol,
+    bearer_authorised, error_response, file_response, guard, json_response, parse_body,
+    public_base, seconds_field, Protocol,
 };
 use super::state::{lock, Job, JobRequest, Phase, SimState, View, FAILURE_MESSAGE};
 use super::Shared;
+use crate::providers::{ProviderKind, ProviderSettings};
+
+/// Bearer keys; errors as problem details `{"title", "detail", "status"}`.
+pub(super) const REPLICATE: Protocol = Protocol {
+    authorised: bearer_authorised,
+    error_body: |status, message| {
+        serde_json::json!({
+            "title": status.canonical_reason().unwrap_or("Error"),
+            "detail": message,
+            "status": status.as_u16(),
+        })
+    },
+};
+
+/// Settings for a provider of this kind served by the simulator at `base_url`.
+pub(super) fn provider_settings(base_url: &str) -> ProviderSettings {
+    ProviderSettings::new(ProviderKind::Replicate, base_url)
+}
 
 pub(super) fn routes() -> Router<Shared> {
     Router::new()
@@ -172,14 +190,12 @@ async fn create_prediction(
     path_model: Option<String>,
 ) -> Response {
     state.submits.fetch_add(1, Ordering::Relaxed);
-    if let Some(response) = guard(state, headers, Protocol::Replicate).await {
+    if let Some(response) = guard(state, headers, REPLICATE).await {
         return response;
     }
     let request = match parse_body(body) {
         Ok(request) => request,
-        Err(reason) => {
-            return error_response(Protocol::Replicate, StatusCode::BAD_REQUEST, &reason)
-        }
+        Err(reason) => return error_response(REPLICATE, StatusCode::BAD_REQUEST, &reason),
     };
     let version = request
         .get("version")
@@ -195,7 +211,7 @@ async fn create_prediction(
         .or_else(|| version.clone());
     let Some(model) = model else {
         return error_response(
-            Protocol::Replicate,
+            REPLICATE,
             StatusCode::UNPROCESSABLE_ENTITY,
             "either version or model is required",
         );
@@ -203,13 +219,13 @@ async fn create_prediction(
     let input = request.get("input");
     let Some(prompt) = input.and_then(|i| i.get("prompt")).and_then(|p| p.as_str()) else {
         return error_response(
-            Protocol::Replicate,
+            REPLICATE,
             StatusCode::UNPROCESSABLE_ENTITY,
             "input.prompt is required",
         );
     };
     if let Some((status, message)) = state.submit_refusal(prompt) {
-        return error_response(Protocol::Replicate, status, message);
+        return error_response(REPLICATE, status, message);
     }
     let request = JobRequest {
         model,
@@ -217,8 +233,16 @@ async fn create_prediction(
         prompt: prompt.to_owned(),
         clip_seconds: seconds_field(input.and_then(|i| i.get("duration"))),
         size: None,
+        external_id: None,
     };
     let id = state.create_job(replicate_id(), request);
+    if state.answer_lost(prompt).await {
+        return error_response(
+            REPLICATE,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "simulated lost answer",
+        );
+    }
     prediction_response(state, headers, &id, StatusCode::CREATED)
 }
 
@@ -237,7 +261,7 @@ fn prediction_response(
 }
 
 fn prediction_not_found() -> Response {
-    error_response(Protocol::Replicate, StatusCode::NOT_FOUND, "Not found.")
+    error_response(REPLICATE, StatusCode::NOT_FOUND, "Not found.")
 }
 
 async fn get_prediction(
@@ -246,7 +270,7 @@ async fn get_prediction(
     headers: HeaderMap,
 ) -> Response {
     state.count_status_call(&id);
-    if let Some(response) = guard(&state, &headers, Protocol::Replicate).await {
+    if let Some(response) = guard(&state, &headers, REPLICATE).await {
         return response;
     }
     prediction_response(&state, &headers, &id, StatusCode::OK)
@@ -257,7 +281,7 @@ async fn cancel_prediction(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(response) = guard(&state, &headers, Protocol::Replicate).await {
+    if let Some(response) = guard(&state, &headers, REPLICATE).await {
         return response;
     }
     let base = public_base(&state, &headers);
@@ -276,7 +300,7 @@ async fn cancel_prediction(
 /// Replicate-style output: a public URL, no key needed.
 async fn output_file(State(state): State<Shared>, Path(file): Path<String>) -> Response {
     let id = file.strip_suffix(".mp4").unwrap_or(&file);
-    file_response(&state, id, Protocol::Replicate)
+    file_response(&state, id, REPLICATE)
 }
 
 /// 26 characters of base32, like Replicate's prediction ids.

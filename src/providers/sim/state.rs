@@ -72,6 +72,8 @@ pub(super) struct JobRequest {
     /// Requested clip length.
     pub(super) clip_seconds: Option<u32>,
     pub(super) size: Option<String>,
+    /// A client-set id (Kling's `external_task_id`), by which the job can be found again.
+    pub(super) external_id: Option<String>,
 }
 
 /// One simulated job; its state is computed from the time since `created`.
@@ -239,6 +241,30 @@ impl SimState {
         id
     }
 
+    /// The id of the job created with client-set id `external_id`, if any.
+    pub(super) fn find_external(&self, external_id: &str) -> Option<String> {
+        self.shards.iter().find_map(|shard| {
+            lock(shard).iter().find_map(|(id, job)| {
+                (job.request.external_id.as_deref() == Some(external_id)).then(|| id.clone())
+            })
+        })
+    }
+
+    /// After creating a job: a `[lost]` prompt never gets its answer (the connection hangs for
+    /// 60 s, cut short by shutdown), as when a network drops the response to a POST that the
+    /// provider acted on. True when the answer is lost; the handler then answers 503, which the
+    /// client, having timed out, never reads.
+    pub(super) async fn answer_lost(&self, prompt: &str) -> bool {
+        if !prompt.contains("[lost]") {
+            return false;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(60)) => {}
+            () = self.token.cancelled() => {}
+        }
+        true
+    }
+
     /// What a submit with this prompt must answer instead of creating a job, if anything.
     pub(super) fn submit_refusal(&self, prompt: &str) -> Option<(StatusCode, &'static str)> {
         if prompt.contains("[reject]") {
@@ -290,6 +316,7 @@ pub(super) fn test_job(duration_ms: u64, fail: bool) -> Job {
         prompt: "p".to_owned(),
         clip_seconds: None,
         size: None,
+        external_id: None,
     };
     Job::new(request, Duration::from_millis(duration_ms), fail)
 }

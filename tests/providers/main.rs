@@ -1,5 +1,18 @@
 //! Provider adapters against the simulated provider (in process, on loopback), against stub
 //! servers returning documented or broken bodies, and the provider configuration.
+//!
+//! This file covers what every adapter shares and the first two protocols; each later kind has
+//! a module of its own (its fixtures under `fixtures/<kind>/`).
+
+mod dashscope;
+mod fal;
+mod gemini;
+mod kling;
+mod luma;
+mod minimax;
+mod runway;
+mod seedance;
+mod vertex_veo;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,25 +47,18 @@ async fn start_sim(duration_ms: u64) -> SimHandle {
 
 fn settings(kind: ProviderKind, base_url: &str) -> ProviderSettings {
     ProviderSettings {
-        kind,
-        base_url: base_url.to_owned(),
         api_key: KEY.into(),
         timeout_ms: 2_000,
         max_concurrency: 8,
-        cancel_deletes: false,
-        max_retry_after_ms: 300_000,
+        ..ProviderSettings::new(kind, base_url)
     }
 }
 
 fn build(settings: &ProviderSettings) -> Arc<dyn VideoProvider> {
-    match settings.kind {
-        ProviderKind::OpenaiVideos => {
-            Arc::new(OpenAiVideosProvider::new("sim", settings).expect("valid settings"))
-        }
-        ProviderKind::Replicate => {
-            Arc::new(ReplicateProvider::new("sim", settings).expect("valid settings"))
-        }
-    }
+    settings
+        .kind
+        .build("sim", settings)
+        .expect("valid settings")
 }
 
 fn provider(kind: ProviderKind, base_url: &str) -> Arc<dyn VideoProvider> {
@@ -62,6 +68,7 @@ fn provider(kind: ProviderKind, base_url: &str) -> Arc<dyn VideoProvider> {
 fn request(prompt: &str) -> SubmitRequest {
     SubmitRequest {
         request_id: "req-1".to_owned(),
+        attempt_id: "6f1c2d3e-0000-4000-8000-000000000001".to_owned(),
         model: "sim-video-1".to_owned(),
         prompt: prompt.to_owned(),
         duration_seconds: Some(8),

@@ -1,0 +1,48 @@
+//! Google Veo on Vertex AI. SKELETON: to be written (every call fails until then).
+
+use super::transport::HttpTransport;
+use super::{
+    CancelOutcome, ProviderConfigError, ProviderError, ProviderSettings, ProviderStatus,
+    ProviderTask, SubmitRequest, VideoProvider,
+};
+
+/// A provider speaking the Google Veo on Vertex AI.
+#[derive(Debug)]
+pub struct VertexVeoProvider {
+    transport: HttpTransport,
+}
+
+impl VertexVeoProvider {
+    /// Builds the adapter for provider `name`.
+    ///
+    /// # Errors
+    /// [`ProviderConfigError`] naming `providers.<name>.<key>` when a setting is unusable.
+    pub fn new(name: &str, settings: &ProviderSettings) -> Result<Self, ProviderConfigError> {
+        Ok(Self {
+            transport: HttpTransport::new(name, settings)?,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl VideoProvider for VertexVeoProvider {
+    fn name(&self) -> &str {
+        self.transport.name()
+    }
+
+    async fn submit(&self, _request: &SubmitRequest) -> Result<ProviderTask, ProviderError> {
+        Err(ProviderError::permanent("vertex_veo: not implemented yet"))
+    }
+
+    async fn status(
+        &self,
+        _task: &ProviderTask,
+        _traceparent: Option<&str>,
+    ) -> Result<ProviderStatus, ProviderError> {
+        Err(ProviderError::permanent("vertex_veo: not implemented yet"))
+    }
+
+    async fn cancel(&self, _task: &ProviderTask) -> Result<CancelOutcome, ProviderError> {
+        Err(ProviderError::permanent("vertex_veo: not implemented yet"))
+    }
+}

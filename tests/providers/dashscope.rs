@@ -1,0 +1,1 @@
+//! The `dashscope` adapter against its recorded fixtures and the simulator. SKELETON.

@@ -1,0 +1,1 @@
+//! The `fal` adapter against its recorded fixtures and the simulator. SKELETON.

@@ -1,0 +1,1 @@
+//! The `gemini` adapter against its recorded fixtures and the simulator. SKELETON.

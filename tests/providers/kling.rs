@@ -1,0 +1,1 @@
+//! The `kling` adapter against its recorded fixtures and the simulator. SKELETON.

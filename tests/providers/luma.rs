@@ -1,0 +1,1 @@
+//! The `luma` adapter against its recorded fixtures and the simulator. SKELETON.

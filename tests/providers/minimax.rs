@@ -1,0 +1,1 @@
+//! The `minimax` adapter against its recorded fixtures and the simulator. SKELETON.

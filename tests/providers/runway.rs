@@ -1,0 +1,1 @@
+//! The `runway` adapter against its recorded fixtures and the simulator. SKELETON.

@@ -1,0 +1,1 @@
+//! The `seedance` adapter against its recorded fixtures and the simulator. SKELETON.

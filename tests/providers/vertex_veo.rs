@@ -1,0 +1,1 @@
+//! The `vertex_veo` adapter against its recorded fixtures and the simulator. SKELETON.
