@@ -71,6 +71,12 @@ pub struct ProviderSettings {
     /// without it Veo answers inline bytes, which are refused.
     #[serde(default)]
     pub storage_uri: Option<String>,
+    /// `kling`: the access key (the JWT's `iss`); `api_key` holds the secret key that signs it.
+    #[serde(default)]
+    pub access_key: Option<String>,
+    /// `minimax`: the account's group id, where the protocol asks for one.
+    #[serde(default)]
+    pub group_id: Option<String>,
 }
 
 fn default_max_retry_after_ms() -> u64 {
@@ -167,6 +173,8 @@ impl ProviderSettings {
             service_account_key_file: None,
             access_token: None,
             storage_uri: None,
+            access_key: None,
+            group_id: None,
         }
     }
 
