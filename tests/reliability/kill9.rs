@@ -67,7 +67,7 @@ async fn kill9_run(run: &'static str, tasks: usize, per_second: f64) {
     let restart_max = restart_ready.iter().copied().fold(0.0, f64::max);
     figure(&format!(
         "{run}: tasks={} faults={} lost={} duplicates_dropped={} stale_checks_dropped>={} rearmed={} \
-         orphan_provider_jobs={} outcomes={:?} status_calls={} tightest_call_ratio={:.2} \
+         orphan_provider_jobs={} unknown_submits={} outcomes={:?} status_calls={} tightest_call_ratio={:.2} \
          restart_ready_max_s={restart_max:.1} recovered_max_s={recovered_max:.1} drain_s={drain_s:.1} total_s={:.0}",
         books.tasks,
         faults.len(),
@@ -76,6 +76,7 @@ async fn kill9_run(run: &'static str, tasks: usize, per_second: f64) {
         counters.sum("video_progress_checks_total", "outcome=\"stale\""),
         counters.sum("video_progress_rearmed_total", ""),
         books.orphan_provider_jobs,
+        books.unknown_submits,
         books.by_status,
         books.status_calls,
         books.tightest,

@@ -88,6 +88,9 @@ pub struct Books {
     pub tightest: f64,
     /// Provider jobs no task points at (a crash between submit and recording it).
     pub orphan_provider_jobs: u64,
+    /// Tasks failed as "submission outcome unknown", and jobs the service found for a task
+    /// cancelled meanwhile: each may have left one job at the provider that no task points at.
+    pub unknown_submits: u64,
 }
 
 impl Books {
@@ -111,6 +114,14 @@ impl Books {
             &self.bad_tracking_cancelled,
         );
         list("forked chains (too many status calls)", &self.forked);
+        // Provider jobs == tasks that reached the provider: every job is some task's, except at
+        // most one per task whose submit's outcome is unknown (it may or may not have created one).
+        if self.orphan_provider_jobs > self.unknown_submits {
+            p.push(format!(
+                "provider jobs no task points at: {} (only {} submits of unknown outcome or abandoned could explain one each): a job submitted twice",
+                self.orphan_provider_jobs, self.unknown_submits
+            ));
+        }
         if !self.zombie_queues.is_empty() {
             p.push(format!("checks left in queues: {:?}", self.zombie_queues));
         }
@@ -233,9 +244,25 @@ impl Cluster {
             .collect()
             .await;
 
+        // Every job some task of this run (its own database) points at, expected or not (a
+        // cancelled task's too); and the submits that may have left a job no task points at.
+        let (recorded_jobs, unknown_submits): (i64, i64) = sqlx::query_as(
+            "SELECT count(DISTINCT provider_task_id),
+                    count(*) FILTER (WHERE provider_task_id IS NULL AND error = 'submission outcome unknown')
+             FROM video_tasks",
+        )
+        .fetch_one(self.env.store.pool())
+        .await
+        .expect("count the recorded jobs");
+        // A job created for a task cancelled before it could be recorded: the service cancels it
+        // at the provider and says so.
+        let abandoned = self.log_lines("cancelling the provider job") as u64;
         let mut books = Books {
             tasks: expected.len(),
-            orphan_provider_jobs: stats.jobs.saturating_sub(jobs.len() as u64),
+            orphan_provider_jobs: stats
+                .jobs
+                .saturating_sub(u64::try_from(recorded_jobs).unwrap_or(0)),
+            unknown_submits: u64::try_from(unknown_submits).unwrap_or(0) + abandoned,
             ..Books::default()
         };
         let mut seen = HashSet::new();
@@ -283,6 +310,7 @@ impl Cluster {
                 .by_status
                 .entry(task.status.as_str().to_owned())
                 .or_default() += 1;
+
             if !task.status.is_terminal() {
                 books
                     .lost
