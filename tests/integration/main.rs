@@ -3,6 +3,7 @@ mod broker;
 mod cluster_failover;
 mod generation;
 mod operations;
+mod provider_kinds;
 mod proxy;
 mod retention;
 mod security;

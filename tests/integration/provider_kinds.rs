@@ -1,0 +1,101 @@
+//! Every provider kind end to end: one instance configured with a provider of each kind, all
+//! speaking to the simulator. A task of each completes through its protocol; a submit whose
+//! answer is lost (the simulator created the job, then hung) follows the protocol's way out:
+//! found again by the provider where it has a client-set id (Kling), otherwise
+//! `generation.ambiguous_submit` (default `fail`). Either way exactly one job per task.
+
+use std::time::Duration;
+
+use test_support::app::{env_with, start_sim};
+use test_support::Instance;
+use video_orchestrator::client::{new_request, Client};
+use video_orchestrator::providers::ProviderKind;
+use video_orchestrator::store::TaskStatus;
+
+const DONE: Duration = Duration::from_secs(60);
+
+/// Whether a lost submit of this kind can be found at the provider again.
+fn resolvable(kind: ProviderKind) -> bool {
+    kind == ProviderKind::Kling
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_completes_a_task_and_a_lost_submit_leaves_exactly_one_job() {
+    let sim = start_sim(400).await;
+    let mut env = env_with(&sim, &[]).await;
+    for kind in ProviderKind::ALL {
+        let mut provider = sim.provider_settings(kind);
+        // A lost answer is noticed after this long (the simulator hangs 60 s).
+        provider.timeout_ms = 1_500;
+        env.settings
+            .providers
+            .insert(kind.as_str().to_owned(), provider);
+    }
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = Client::new(env.broker().await, stop.clone());
+
+    let mut plain = Vec::new();
+    let mut lost = Vec::new();
+    for kind in ProviderKind::ALL {
+        let vk = format!("vk-kinds-{kind}");
+        let mut request = new_request(&vk, "sim-video-1", &format!("{kind}: a quiet lake"));
+        request.provider = Some(kind.as_str().to_owned());
+        plain.push((kind, client.submit(&request).await.expect("published")));
+        let mut request = new_request(&vk, "sim-video-1", &format!("{kind}: [lost] a storm"));
+        request.provider = Some(kind.as_str().to_owned());
+        lost.push((kind, client.submit(&request).await.expect("published")));
+    }
+
+    for (kind, id) in &plain {
+        let done = events
+            .wait_for(|e| e.is("video.generation.completed", id), DONE)
+            .await
+            .unwrap_or_else(|| panic!("{kind}: the task completes"));
+        assert!(
+            done.body["videoUrl"]
+                .as_str()
+                .is_some_and(|u| !u.is_empty()),
+            "{kind}: a video URL: {}",
+            done.body
+        );
+    }
+    for (kind, id) in &lost {
+        if resolvable(*kind) {
+            events
+                .wait_for(|e| e.is("video.generation.completed", id), DONE)
+                .await
+                .unwrap_or_else(|| panic!("{kind}: the lost submit is found again and completes"));
+        } else {
+            let failed = events
+                .wait_for(|e| e.is("video.generation.failed", id), DONE)
+                .await
+                .unwrap_or_else(|| panic!("{kind}: the lost submit fails the task"));
+            assert_eq!(failed.body["error"], "submission outcome unknown", "{kind}");
+            assert_eq!(failed.body["retryable"], true, "{kind}");
+        }
+        let task = env.store.get(id).await.expect("read").expect("row");
+        assert!(task.status.is_terminal(), "{kind}: {:?}", task.status);
+        if resolvable(*kind) {
+            assert_eq!(task.status, TaskStatus::Completed, "{kind}");
+        }
+    }
+    let stats = sim.stats();
+    let tasks = (plain.len() + lost.len()) as u64;
+    assert_eq!(
+        stats.submits, tasks,
+        "one POST per task: a lost answer is never sent again"
+    );
+    assert_eq!(
+        stats.jobs, tasks,
+        "exactly one job per task at the simulator"
+    );
+
+    stop.cancel();
+    drop(client);
+    events.close().await;
+    service.stop().await;
+    sim.shutdown().await;
+    env.cleanup().await;
+}
