@@ -18,6 +18,9 @@ pub enum CheckOutcome {
     Stopped,
     /// The provider or the database failed; the chain goes on with the next check.
     Error,
+    /// Not asked: this instance was at the provider's `max_status_rps`; the check was
+    /// rescheduled for when a call is allowed.
+    Throttled,
     /// Arrived before it was due (its delay was longer than the longest tier) and was sent round
     /// again without running: counted in `video_progress_checks_recirculated_total`, not under
     /// the `outcome` label.
@@ -27,7 +30,7 @@ pub enum CheckOutcome {
 impl CheckOutcome {
     /// Every value of the `outcome` label of `video_progress_checks_total`, in README.md's
     /// order (every outcome but [`CheckOutcome::Recirculated`]).
-    pub const LABEL_VALUES: [Self; 7] = [
+    pub const LABEL_VALUES: [Self; 8] = [
         Self::Progressed,
         Self::Unchanged,
         Self::Finished,
@@ -35,6 +38,7 @@ impl CheckOutcome {
         Self::Stale,
         Self::Stopped,
         Self::Error,
+        Self::Throttled,
     ];
 
     /// The metric label value (and the name logs use).
@@ -47,6 +51,7 @@ impl CheckOutcome {
             Self::Stale => "stale",
             Self::Stopped => "stopped",
             Self::Error => "error",
+            Self::Throttled => "throttled",
             Self::Recirculated => "recirculated",
         }
     }

@@ -14,7 +14,7 @@ use crate::messages::{
     self, Meta, ProgressStatus, TaskOutcome, VideoGenerationProgress, VideoProgressCheckRequested,
     VideoProviderTaskFinished,
 };
-use crate::providers::{ProviderState, ProviderStatus, ProviderTask, Providers};
+use crate::providers::{ProviderError, ProviderState, ProviderStatus, ProviderTask, Providers};
 use crate::store::{CheckAdvance, Store, Task, TaskStatus};
 use crate::topology::Topology;
 
@@ -181,6 +181,18 @@ impl ProgressTracker {
             .await;
         let status = match status {
             Ok(s) => s,
+            Err(e @ ProviderError::Throttled { .. }) => {
+                debug!(error = %e, "status call over max_status_rps; rescheduled");
+                self.schedule_next(
+                    check,
+                    check.sequence + 1,
+                    e.retry_after(),
+                    &traceparent,
+                    Some(&task),
+                )
+                .await;
+                return CheckOutcome::Throttled;
+            }
             Err(e) => {
                 warn!(error = %e, transient = e.is_transient(), "provider status failed; the chain goes on");
                 self.schedule_next(

@@ -99,3 +99,66 @@ async fn every_kind_completes_a_task_and_a_lost_submit_leaves_exactly_one_job() 
     sim.shutdown().await;
     env.cleanup().await;
 }
+
+/// `max_status_rps` caps one provider's status calls on this instance; checks over the cap are
+/// rescheduled, never waited for, so another provider's tasks go on at their own pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_provider_is_throttled_without_holding_up_another() {
+    let sim = start_sim(300).await;
+    let mut env = env_with(&sim, &[]).await;
+    let mut capped = sim.provider_settings(ProviderKind::Replicate);
+    capped.max_status_rps = Some(1.0);
+    env.settings.providers.insert("capped".to_owned(), capped);
+    env.settings.providers.insert(
+        "free".to_owned(),
+        sim.provider_settings(ProviderKind::OpenaiVideos),
+    );
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = Client::new(env.broker().await, stop.clone());
+
+    let mut ids = Vec::new();
+    for (provider, n) in [("capped", 6), ("free", 6)] {
+        for i in 0..n {
+            let mut request = new_request(
+                &format!("vk-cap-{i}"),
+                "sim-video-1",
+                &format!("{provider} {i}"),
+            );
+            request.provider = Some(provider.to_owned());
+            ids.push((provider, client.submit(&request).await.expect("published")));
+        }
+    }
+    for (provider, id) in &ids {
+        events
+            .wait_for(|e| e.is("video.generation.completed", id), DONE)
+            .await
+            .unwrap_or_else(|| panic!("{provider}: {id} completes"));
+    }
+    let page = reqwest::get(format!("http://{}/metrics", service.http))
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("metrics text");
+    let mut counters = test_support::prometheus::Counters::default();
+    counters.add_page(&page);
+    assert!(
+        counters.sum("video_provider_throttled_total", "provider=\"capped\"") > 0,
+        "six tasks at one status call per second were throttled at least once"
+    );
+    assert_eq!(
+        counters.sum("video_provider_throttled_total", "provider=\"free\""),
+        0,
+        "the uncapped provider is never throttled"
+    );
+    assert!(counters.sum("video_progress_checks_total", "outcome=\"throttled\"") > 0);
+
+    stop.cancel();
+    drop(client);
+    events.close().await;
+    service.stop().await;
+    sim.shutdown().await;
+    env.cleanup().await;
+}
