@@ -533,7 +533,8 @@ fn error_summary(body: &[u8]) -> String {
             .or_else(|| value.get("detail"))
             .or_else(|| value.get("error"))
             .or_else(|| value.get("title"))
-            .or_else(|| value.get("message"));
+            .or_else(|| value.get("message"))
+            .or_else(|| value.pointer("/base_resp/status_msg"));
         match message {
             Some(serde_json::Value::String(text)) => return truncate(text, 500),
             Some(serde_json::Value::Null) | None => {}
