@@ -28,6 +28,7 @@
 //! `POST /v1/predictions`, `POST /v1/models/{owner}/{name}/predictions`,
 //! `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`; `GET /sim/files/{id}.mp4`
 //! (Replicate-style output, no auth); `GET /sim/stats`, `GET|POST /sim/faults`.
+//! Runway (Bearer + `X-Runway-Version`): `POST /runway/v1/text_to_video`, `GET|DELETE /runway/v1/tasks/{id}`, `GET /runway/files/{id}.mp4`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
