@@ -288,7 +288,16 @@ mod tests {
         assert_eq!(ratio_for_size(" 720X1280 ").as_deref(), Some("720:1280"));
         assert_eq!(ratio_for_size("1920:1080").as_deref(), Some("1920:1080"));
         assert_eq!(ratio_for_size("960×960").as_deref(), Some("960:960"));
-        for bad in ["", "1280", "16:9x", "x720", "1280x", "12a0x720", "1280x720x3", "720p"] {
+        for bad in [
+            "",
+            "1280",
+            "16:9x",
+            "x720",
+            "1280x",
+            "12a0x720",
+            "1280x720x3",
+            "720p",
+        ] {
             assert_eq!(ratio_for_size(bad), None, "{bad}");
         }
     }

@@ -254,7 +254,11 @@ async fn the_adapter_speaks_runways_protocol_over_http() {
         "{error}"
     );
     let sent = requests(&stub);
-    assert_eq!(sent.len(), 3, "a size that is not WxH is not sent: {sent:?}");
+    assert_eq!(
+        sent.len(),
+        3,
+        "a size that is not WxH is not sent: {sent:?}"
+    );
     assert_eq!(
         sent[0],
         serde_json::json!({
@@ -330,7 +334,13 @@ async fn the_adapter_speaks_runways_protocol_over_http() {
     let deletes: Vec<_> = sent
         .iter()
         .filter(|r| r["method"] == "DELETE")
-        .map(|r| (r["path"].clone(), r["version"].clone(), r["authorization"].clone()))
+        .map(|r| {
+            (
+                r["path"].clone(),
+                r["version"].clone(),
+                r["authorization"].clone(),
+            )
+        })
         .collect();
     assert_eq!(
         deletes,
@@ -364,7 +374,10 @@ async fn the_adapter_speaks_runways_protocol_over_http() {
         api_version: Some("2025-01-01".to_owned()),
         ..settings(ProviderKind::Runway, &stub.base_url)
     });
-    pinned.status(&task("pending"), None).await.expect("pending");
+    pinned
+        .status(&task("pending"), None)
+        .await
+        .expect("pending");
     let sent = requests(&stub);
     assert_eq!(sent.last().expect("a request")["version"], "2025-01-01");
 }

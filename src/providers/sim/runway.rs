@@ -109,13 +109,13 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
     };
     let text = |field: &str| request.get(field).and_then(|v| v.as_str());
     let Some(model) = text("model").filter(|m| !m.is_empty()) else {
-        return invalid_body("model", "Invalid input: expected string, received undefined");
+        return invalid_body(
+            "model",
+            "Invalid input: expected string, received undefined",
+        );
     };
     let Some(prompt) = text("promptText").filter(|p| !p.is_empty()) else {
-        return invalid_body(
-            "promptText",
-            "Invalid input: expected a non-empty string",
-        );
+        return invalid_body("promptText", "Invalid input: expected a non-empty string");
     };
     let Some(ratio) = text("ratio").filter(|r| is_ratio(r)) else {
         return invalid_body("ratio", "Invalid input: expected a ratio such as 1280:720");
@@ -180,9 +180,7 @@ fn render_task(id: &str, job: &Job, now: Instant, base: &str) -> Vec<u8> {
     let body = TaskBody {
         id,
         status,
-        created_at: job
-            .created_at
-            .to_rfc3339_opts(SecondsFormat::Millis, true),
+        created_at: job.created_at.to_rfc3339_opts(SecondsFormat::Millis, true),
         progress: (view.phase == Phase::Running).then(|| f64::from(view.progress) / 100.0),
         output: (view.phase == Phase::Succeeded)
             .then(|| vec![format!("{base}/runway/files/{id}.mp4")]),
@@ -245,7 +243,14 @@ mod tests {
     #[test]
     fn rendered_tasks_parse_with_the_adapter() {
         let job = test_job(1000, false);
-        let at = |ms| render_task("t-1", &job, job.created + Duration::from_millis(ms), "http://h");
+        let at = |ms| {
+            render_task(
+                "t-1",
+                &job,
+                job.created + Duration::from_millis(ms),
+                "http://h",
+            )
+        };
         let running = parse_task(&at(500)).expect("running");
         assert_eq!(running.state, ProviderState::InProgress);
         assert_eq!(running.progress, Some(50));
