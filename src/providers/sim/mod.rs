@@ -29,6 +29,7 @@
 //! `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`; `GET /sim/files/{id}.mp4`
 //! (Replicate-style output, no auth); `GET /sim/stats`, `GET|POST /sim/faults`.
 //! MiniMax: `POST /minimax/v1/video_generation`, `GET /minimax/v1/query/video_generation`, `GET /minimax/v1/files/retrieve`, `GET /minimax/files/{file_id}.mp4` (errors in HTTP 200 `base_resp`).
+//! Runway (Bearer + `X-Runway-Version`): `POST /runway/v1/text_to_video`, `GET|DELETE /runway/v1/tasks/{id}`, `GET /runway/files/{id}.mp4`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
