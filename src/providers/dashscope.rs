@@ -212,9 +212,7 @@ pub fn parse_task(body: &[u8], now: DateTime<Utc>) -> Result<ProviderStatus, Pro
         }
     };
     let succeeded = state == ProviderState::Succeeded;
-    let video_url = output
-        .video_url
-        .filter(|url| succeeded && !url.is_empty());
+    let video_url = output.video_url.filter(|url| succeeded && !url.is_empty());
     let video_url_expires_at = video_url.as_deref().map(|url| {
         signed_expiry(url)
             .or_else(|| {
@@ -406,8 +404,10 @@ mod tests {
             DateTime::<Utc>::from_timestamp(1_759_213_419, 0)
         );
         assert_eq!(
-            signed_expiry("https://x/a.mp4?x-oss-date=20250929T062339Z&x-oss-expires=86400&x-oss-signature=s")
-                .map(|at| at.to_rfc3339()),
+            signed_expiry(
+                "https://x/a.mp4?x-oss-date=20250929T062339Z&x-oss-expires=86400&x-oss-signature=s"
+            )
+            .map(|at| at.to_rfc3339()),
             Some("2025-09-30T06:23:39+00:00".to_owned())
         );
         assert_eq!(signed_expiry("https://x/a.mp4"), None);

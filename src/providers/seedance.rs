@@ -29,7 +29,8 @@
 //!
 //! Progress: ModelArk reports none, so it is `None` until success (100); the caller estimates.
 //!
-//! Output URL expiry: the generated video is kept 24 hours, so on success
+//! Output URL expiry: the generated video is kept 24 hours ("download it promptly"; some relays
+//! quote longer, 24 h is the conservative reading), so on success
 //! `video_url_expires_at = updated_at + 24 h` (`updated_at` is when the task reached its final
 //! state).
 //!
@@ -49,9 +50,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
-use super::transport::{
-    bad_body, path_segment, unknown_status, HttpTransport, Operation, Request,
-};
+use super::transport::{bad_body, path_segment, unknown_status, HttpTransport, Operation, Request};
 use super::{
     CancelOutcome, ProviderConfigError, ProviderError, ProviderSettings, ProviderState,
     ProviderStatus, ProviderTask, SubmitRequest, VideoProvider,
@@ -69,7 +68,9 @@ const OUTPUT_RETENTION: TimeDelta = TimeDelta::hours(24);
 pub const QUEUE_LIMIT_MESSAGE: &str = "120 queued tasks per account reached; retrying later";
 
 /// The aspect ratios the create-task reference lists.
-const RATIOS: [&str; 8] = ["21:9", "16:9", "4:3", "1:1", "3:4", "9:16", "9:21", "adaptive"];
+const RATIOS: [&str; 8] = [
+    "21:9", "16:9", "4:3", "1:1", "3:4", "9:16", "9:21", "adaptive",
+];
 
 /// A provider speaking the ModelArk content generation tasks API (Seedance models).
 #[derive(Debug)]
@@ -146,8 +147,8 @@ struct Content {
 /// [`ProviderError::Permanent`] when the body is not a task; transient (and logged) when its
 /// `status` is not one of the documented values.
 pub fn parse_task(body: &[u8]) -> Result<ProviderStatus, ProviderError> {
-    let task: Task = serde_json::from_slice(body)
-        .map_err(|e| bad_body("seedance task", body, &e))?;
+    let task: Task =
+        serde_json::from_slice(body).map_err(|e| bad_body("seedance task", body, &e))?;
     let state = match task.status.as_str() {
         "queued" => ProviderState::Queued,
         "running" => ProviderState::InProgress,
@@ -173,12 +174,13 @@ pub fn parse_task(body: &[u8]) -> Result<ProviderStatus, ProviderError> {
         .and(task.updated_at)
         .and_then(|at| DateTime::<Utc>::from_timestamp(at, 0))
         .map(|at| at + OUTPUT_RETENTION);
-    let video_seconds = task.duration.filter(|d| *d > 0.0).or_else(|| {
-        match (task.frames, task.framespersecond) {
-            (Some(frames), Some(fps)) if fps > 0.0 => Some(frames / fps),
-            _ => None,
-        }
-    });
+    let video_seconds =
+        task.duration
+            .filter(|d| *d > 0.0)
+            .or_else(|| match (task.frames, task.framespersecond) {
+                (Some(frames), Some(fps)) if fps > 0.0 => Some(frames / fps),
+                _ => None,
+            });
     let error = match task.status.as_str() {
         "failed" => Some(error_text(task.error)),
         "expired" => Some(match task.execution_expires_after {
@@ -427,10 +429,9 @@ mod tests {
 
     #[test]
     fn frames_give_the_length_when_duration_is_absent() {
-        let status = parse_task(
-            br#"{"id":"cgt-1","status":"running","frames":121,"framespersecond":24}"#,
-        )
-        .expect("parses");
+        let status =
+            parse_task(br#"{"id":"cgt-1","status":"running","frames":121,"framespersecond":24}"#)
+                .expect("parses");
         assert_eq!(status.state, ProviderState::InProgress);
         assert_eq!(status.progress, None);
         let seconds = status.video_seconds.expect("seconds");

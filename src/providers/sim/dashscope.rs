@@ -66,7 +66,10 @@ pub(super) fn routes() -> Router<Shared> {
             post(create_task),
         )
         .route(&format!("{API}/tasks/{{task_id}}"), get(get_task))
-        .route(&format!("{API}/tasks/{{task_id}}/cancel"), post(cancel_task))
+        .route(
+            &format!("{API}/tasks/{{task_id}}/cancel"),
+            post(cancel_task),
+        )
         .route("/dashscope/files/{file}", get(output_file))
 }
 
@@ -128,7 +131,9 @@ fn render_task(id: &str, job: &Job, now: Instant, base: &str) -> Vec<u8> {
     let failed = view.phase == Phase::Failed;
     let video_url = view.completed_at.filter(|_| succeeded).map(|end| {
         let expires = (end + TimeDelta::hours(24)).timestamp();
-        format!("{base}/dashscope/files/{id}.mp4?Expires={expires}&OSSAccessKeyId=sim&Signature=sim")
+        format!(
+            "{base}/dashscope/files/{id}.mp4?Expires={expires}&OSSAccessKeyId=sim&Signature=sim"
+        )
     });
     let body = TaskBody {
         request_id: request_id(),
@@ -268,7 +273,9 @@ async fn cancel_task(
     }
     let now = Instant::now();
     let mut shard = lock(state.shard(&id));
-    let pending = shard.get_mut(&id).filter(|job| job.view(now).phase == Phase::Queued);
+    let pending = shard
+        .get_mut(&id)
+        .filter(|job| job.view(now).phase == Phase::Queued);
     let Some(job) = pending else {
         return to_json(
             StatusCode::BAD_REQUEST,
@@ -307,8 +314,8 @@ mod tests {
     fn rendered_tasks_parse_with_the_adapter() {
         let job = test_job(1000, false);
         let at = |ms| job.created + Duration::from_millis(ms);
-        let pending = parse_task(&render_task("t", &job, at(10), "http://h"), Utc::now())
-            .expect("pending");
+        let pending =
+            parse_task(&render_task("t", &job, at(10), "http://h"), Utc::now()).expect("pending");
         assert_eq!(pending.state, ProviderState::Queued);
         let done = parse_task(&render_task("t", &job, at(1000), "http://h"), Utc::now())
             .expect("succeeded");

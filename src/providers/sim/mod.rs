@@ -28,8 +28,8 @@
 //! `POST /v1/predictions`, `POST /v1/models/{owner}/{name}/predictions`,
 //! `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`; `GET /sim/files/{id}.mp4`
 //! (Replicate-style output, no auth); `GET /sim/stats`, `GET|POST /sim/faults`.
-//! Seedance (ModelArk): `POST /seedance/api/v3/contents/generations/tasks`, `GET|DELETE …/tasks/{id}`, `GET /seedance/files/{id}.mp4`.
-//! DashScope (Wan): `POST /dashscope/api/v1/services/aigc/video-generation/video-synthesis`, `GET /dashscope/api/v1/tasks/{id}`, `POST …/tasks/{id}/cancel`, `GET /dashscope/files/{id}.mp4`.
+//! Seedance: `POST|GET|DELETE /seedance/api/v3/contents/generations/tasks[/{id}]`, `GET /seedance/files/{id}.mp4`.
+//! DashScope: `POST /dashscope/api/v1/services/aigc/video-generation/video-synthesis`, `GET /dashscope/api/v1/tasks/{id}`, `POST …/cancel`, `GET /dashscope/files/{id}.mp4`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for

@@ -61,13 +61,19 @@ const TASKS: &str = "/seedance/api/v3/contents/generations/tasks";
 
 /// Settings for a provider of this kind served by the simulator at `base_url`.
 pub(super) fn provider_settings(base_url: &str) -> ProviderSettings {
-    ProviderSettings::new(ProviderKind::Seedance, format!("{base_url}/seedance/api/v3"))
+    ProviderSettings::new(
+        ProviderKind::Seedance,
+        format!("{base_url}/seedance/api/v3"),
+    )
 }
 
 pub(super) fn routes() -> Router<Shared> {
     Router::new()
         .route(TASKS, post(create_task))
-        .route(&format!("{TASKS}/{{id}}"), get(get_task).delete(delete_task))
+        .route(
+            &format!("{TASKS}/{{id}}"),
+            get(get_task).delete(delete_task),
+        )
         .route("/seedance/files/{file}", get(output_file))
 }
 
@@ -128,9 +134,9 @@ fn render_task(id: &str, job: &Job, now: Instant, base: &str) -> Vec<u8> {
         id,
         model: &job.request.model,
         status,
-        error: (view.phase == Phase::Failed).then(|| {
-            serde_json::json!({ "code": "InternalServiceError", "message": FAILURE_MESSAGE })
-        }),
+        error: (view.phase == Phase::Failed).then(
+            || serde_json::json!({ "code": "InternalServiceError", "message": FAILURE_MESSAGE }),
+        ),
         content: (view.phase == Phase::Succeeded).then(|| ContentBody {
             video_url: format!("{base}/seedance/files/{id}.mp4"),
         }),
@@ -215,8 +221,7 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
     if let Some((status, message)) = state.submit_refusal(prompt) {
         return error_response(ARK, status, message);
     }
-    let clip_seconds =
-        seconds_field(request.get("duration")).or_else(|| inline_duration(prompt));
+    let clip_seconds = seconds_field(request.get("duration")).or_else(|| inline_duration(prompt));
     let text = |field: &str, default: &str| {
         request
             .get(field)
@@ -235,7 +240,11 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
     };
     let id = state.create_job(task_id(), job);
     if state.answer_lost(prompt).await {
-        return error_response(ARK, StatusCode::SERVICE_UNAVAILABLE, "simulated lost answer");
+        return error_response(
+            ARK,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "simulated lost answer",
+        );
     }
     to_json(StatusCode::OK, &serde_json::json!({ "id": id }))
 }
