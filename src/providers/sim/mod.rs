@@ -30,6 +30,8 @@
 //! (Replicate-style output, no auth); `GET /sim/stats`, `GET|POST /sim/faults`.
 //! MiniMax: `POST /minimax/v1/video_generation`, `GET /minimax/v1/query/video_generation`, `GET /minimax/v1/files/retrieve`, `GET /minimax/files/{file_id}.mp4` (errors in HTTP 200 `base_resp`).
 //! Runway (Bearer + `X-Runway-Version`): `POST /runway/v1/text_to_video`, `GET|DELETE /runway/v1/tasks/{id}`, `GET /runway/files/{id}.mp4`.
+//! Seedance: `POST|GET|DELETE /seedance/api/v3/contents/generations/tasks[/{id}]`, `GET /seedance/files/{id}.mp4`.
+//! DashScope: `POST /dashscope/api/v1/services/aigc/video-generation/video-synthesis`, `GET /dashscope/api/v1/tasks/{id}`, `POST …/cancel`, `GET /dashscope/files/{id}.mp4`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
