@@ -242,8 +242,10 @@ impl HttpTransport {
     pub(crate) async fn send(&self, request: Request<'_>) -> Result<Vec<u8>, ProviderError> {
         let operation = request.operation;
         let result = self.send_within_limits(request).await;
-        if let Err(error) = &result {
-            self.record_error(operation, error);
+        match &result {
+            // Not sent: counted in video_provider_throttled_total, not as the provider's error.
+            Err(ProviderError::Throttled { .. }) | Ok(_) => {}
+            Err(error) => self.record_error(operation, error),
         }
         result
     }
