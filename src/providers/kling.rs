@@ -87,7 +87,8 @@ impl KlingProvider {
     /// # Errors
     /// [`ProviderConfigError`] naming `providers.<name>.<key>` when a setting is unusable.
     pub fn new(name: &str, settings: &ProviderSettings) -> Result<Self, ProviderConfigError> {
-        let access_key = ProviderSettings::required(name, "access_key", settings.access_key.as_ref())?;
+        let access_key =
+            ProviderSettings::required(name, "access_key", settings.access_key.as_ref())?;
         let secret = settings.api_key.expose_secret();
         if secret.is_empty() {
             return Err(ProviderSettings::invalid(
@@ -532,16 +533,24 @@ mod tests {
 
     #[test]
     fn codes_are_classified_by_the_documented_table() {
-        for code in [1000, 1001, 1002, 1003, 1004, 1103, 1200, 1201, 1202, 1203, 1301] {
+        for code in [
+            1000, 1001, 1002, 1003, 1004, 1103, 1200, 1201, 1202, 1203, 1301,
+        ] {
             assert!(!code_error(code, None, None).is_transient(), "{code}");
         }
         for code in [1100, 1101, 1102, 1302, 1303, 1304, 5000, 5001, 5002] {
             assert!(code_error(code, None, None).is_transient(), "{code}");
         }
-        let error = code_error(1303, Some("parallel task over resource pack limit"), Some("r-1"));
+        let error = code_error(
+            1303,
+            Some("parallel task over resource pack limit"),
+            Some("r-1"),
+        );
         assert!(
             error.to_string().contains("1303")
-                && error.to_string().contains("parallel task over resource pack limit")
+                && error
+                    .to_string()
+                    .contains("parallel task over resource pack limit")
                 && error.to_string().contains("r-1"),
             "{error}"
         );

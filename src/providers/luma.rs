@@ -1,19 +1,18 @@
 //! Luma Dream Machine generations.
 //!
-//! Sources: the official SDK lumalabs/lumaai-python (generated from Luma's OpenAPI spec:
-//! `resources/generations/generations.py`, `types/generation.py`,
-//! `types/generations/video_create_params.py`), the spec's older copy in lumalabs/lumaai-api
-//! (`openapi.yaml`: the error object `{"detail"}`), and docs.lumalabs.ai (Video Generation,
-//! Errors).
+//! Sources: Luma's OpenAPI spec (`lumalabs/lumaai-api`, `openapi.yaml`: the paths, `201` on
+//! create, `204` on delete, the error object `{"detail"}`), the official SDK generated from it
+//! (`lumalabs/lumaai-python`: `resources/generations/generations.py`, `types/generation.py`,
+//! `types/generations/video_create_params.py`), and docs.lumalabs.ai (Video Generation, Errors).
 //!
 //! - base URL `https://api.lumalabs.ai/dream-machine/v1`, `Authorization: Bearer <key>`;
-//! - submit: `POST /generations/video` (the SDK's path since 2025-05; docs.lumalabs.ai still
-//!   shows the older `POST /generations`) with `{prompt, model, aspect_ratio?, duration?,
-//!   resolution?}`, answered with the generation object (`id`, a UUID). `duration` is `"5s"` or
-//!   `"9s"`: a requested length is sent as the nearer (up to 7 s → `"5s"`). `aspect_ratio` is
-//!   the supported ratio (`1:1`, `16:9`, `9:16`, `4:3`, `3:4`, `21:9`, `9:21`) nearest to the
-//!   requested size, `resolution` (`540p`, `720p`, `1080p`, `4k`) its shorter side when that is
-//!   one of those;
+//! - submit: `POST /generations/video` (the spec's and the SDK's path since 2025-05; the pages
+//!   of docs.lumalabs.ai still show the older `POST /generations`, which the current spec no
+//!   longer has) with `{prompt, model, aspect_ratio?, duration?, resolution?}`, answered 201
+//!   with the generation object (`id`, a UUID). `duration` is `"5s"` or `"9s"`: a requested
+//!   length is sent as the nearer (up to 7 s → `"5s"`). `aspect_ratio` is the supported ratio
+//!   (`1:1`, `16:9`, `9:16`, `4:3`, `3:4`, `21:9`, `9:21`) nearest to the requested size,
+//!   `resolution` (`540p`, `720p`, `1080p`, `4k`) its shorter side when that is one of those;
 //! - status: `GET /generations/{id}`, whose `state` is `queued`, `dreaming`, `completed` or
 //!   `failed`; `failure_reason` says why a generation failed; `assets.video` is the finished
 //!   video (a public CDN URL);
@@ -113,8 +112,17 @@ struct GenerationRequest {
 /// object; transient (and logged) when its `state` is missing or not one of the documented
 /// values.
 pub fn parse_generation(body: &[u8]) -> Result<ProviderStatus, ProviderError> {
+    let what = "luma generation";
+    // Every field is optional, so only an object is checked for: serde would also read a
+    // struct from a JSON array.
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad_body(what, body, &e))?;
+    if !value.is_object() {
+        let error = <serde_json::Error as serde::de::Error>::custom("not a JSON object");
+        return Err(bad_body(what, body, &error));
+    }
     let generation: Generation =
-        serde_json::from_slice(body).map_err(|e| bad_body("luma generation", body, &e))?;
+        serde_json::from_value(value).map_err(|e| bad_body(what, body, &e))?;
     let id = generation.id.as_deref().unwrap_or("(no id)");
     let state = match generation.state.as_deref() {
         Some("queued") => ProviderState::Queued,

@@ -251,7 +251,9 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
         Some(serde_json::Value::String(d)) if d == "5" || d == "10" => {
             seconds_field(request.get("duration"))
         }
-        Some(other) => return bad_request(&format!("duration must be \"5\" or \"10\", got {other}")),
+        Some(other) => {
+            return bad_request(&format!("duration must be \"5\" or \"10\", got {other}"))
+        }
     };
     let aspect_ratio = match request.get("aspect_ratio") {
         None => None,
@@ -322,7 +324,8 @@ async fn get_task(
         return response;
     }
     let base = public_base(&state, &headers);
-    let render = |task: &str| state.render(task, |job, now| render_task(task, job, now, &base, true));
+    let render =
+        |task: &str| state.render(task, |job, now| render_task(task, job, now, &base, true));
     let body = render(&id).or_else(|| state.find_external(&id).and_then(|task| render(&task)));
     match body {
         Some(body) => json_response(StatusCode::OK, body),

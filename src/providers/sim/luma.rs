@@ -1,7 +1,7 @@
 //! The simulated Luma Dream Machine API, under `/luma` (standing for
-//! `https://api.lumalabs.ai/dream-machine/v1`): `POST /luma/generations/video` (and the older
-//! `POST /luma/generations`), `GET|DELETE /luma/generations/{id}`, and the finished files
-//! (public, like Luma's CDN) at `GET /luma/files/{id}.mp4`. Bearer keys; errors as
+//! `https://api.lumalabs.ai/dream-machine/v1`): `POST /luma/generations/video` (201 with the
+//! generation), `GET /luma/generations/{id}`, `DELETE /luma/generations/{id}` (204), and the
+//! finished files (public, like Luma's CDN) at `GET /luma/files/{id}.mp4`. Bearer keys; errors as
 //! `{"detail": "..."}`.
 
 use std::sync::atomic::Ordering;
@@ -48,7 +48,6 @@ pub(super) fn provider_settings(base_url: &str) -> ProviderSettings {
 pub(super) fn routes() -> Router<Shared> {
     Router::new()
         .route("/luma/generations/video", post(create_generation))
-        .route("/luma/generations", post(create_generation))
         .route(
             "/luma/generations/{id}",
             get(get_generation).delete(delete_generation),

@@ -29,7 +29,7 @@
 //! `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`; `GET /sim/files/{id}.mp4`
 //! (Replicate-style output, no auth); `GET /sim/stats`, `GET|POST /sim/faults`.
 //! Kling: `POST /kling/v1/videos/text2video`, `GET /kling/v1/videos/text2video/{task or external id}` (JWT bearer), files at `GET /kling/files/{id}.mp4`.
-//! Luma: `POST /luma/generations/video` (or `/luma/generations`), `GET|DELETE /luma/generations/{id}`, files at `GET /luma/files/{id}.mp4`.
+//! Luma: `POST /luma/generations/video`, `GET|DELETE /luma/generations/{id}`, files at `GET /luma/files/{id}.mp4`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
