@@ -32,6 +32,8 @@
 //! Runway (Bearer + `X-Runway-Version`): `POST /runway/v1/text_to_video`, `GET|DELETE /runway/v1/tasks/{id}`, `GET /runway/files/{id}.mp4`.
 //! Seedance: `POST|GET|DELETE /seedance/api/v3/contents/generations/tasks[/{id}]`, `GET /seedance/files/{id}.mp4`.
 //! DashScope: `POST /dashscope/api/v1/services/aigc/video-generation/video-synthesis`, `GET /dashscope/api/v1/tasks/{id}`, `POST …/cancel`, `GET /dashscope/files/{id}.mp4`.
+//! Kling: `POST /kling/v1/videos/text2video`, `GET /kling/v1/videos/text2video/{task or external id}` (JWT bearer), files at `GET /kling/files/{id}.mp4`.
+//! Luma: `POST /luma/generations/video`, `GET|DELETE /luma/generations/{id}`, files at `GET /luma/files/{id}.mp4`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
