@@ -28,6 +28,8 @@
 //! `POST /v1/predictions`, `POST /v1/models/{owner}/{name}/predictions`,
 //! `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`; `GET /sim/files/{id}.mp4`
 //! (Replicate-style output, no auth); `GET /sim/stats`, `GET|POST /sim/faults`.
+//! Vertex Veo: `POST /vertex_veo/v1/projects/{p}/locations/{l}/publishers/{pub}/models/{m}:predictLongRunning|:fetchPredictOperation`, `POST /vertex_veo/token` (OAuth2 JWT grant);
+//! Gemini API Veo: `POST /gemini/v1beta/models/{m}:predictLongRunning`, `GET /gemini/v1beta/models/{m}/operations/{id}`, `GET /gemini/v1beta/files/{id}:download`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
