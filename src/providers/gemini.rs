@@ -16,10 +16,9 @@
 //! - status: `GET /v1beta/{name}`, an operation: no status enum, `done` (absent while false)
 //!   then `error` (`google.rpc.Status`) or `response.generateVideoResponse` with
 //!   `generatedSamples[].video.uri` and `raiMediaFilteredCount`/`raiMediaFilteredReasons`:
-//!   - not done → [`ProviderState::InProgress`], progress `None` (Veo reports none);
-//!   - done with `error` → [`ProviderState::Failed`] with its message (`CANCELLED` →
-//!     [`ProviderState::Cancelled`]);
-//!   - done with a sample → [`ProviderState::Succeeded`], `video_url` = the first `video.uri`;
+//!   - not done → `InProgress`, progress `None` (Veo reports none);
+//!   - done with `error` → `Failed` with its message (`CANCELLED`, code 1, → `Cancelled`);
+//!   - done with a sample → `Succeeded`, `video_url` = the first `video.uri`;
 //!   - done with no sample and filtered ones → Failed with the filter's reasons; a sample
 //!     carrying bytes instead of a URI is refused (Failed): we never carry video bytes;
 //!   - done with neither `error` nor `response`, or a `response` without

@@ -18,10 +18,9 @@
 //!   ids are UUIDs, "Operation ID must be a Long"). The answer is an operation: no status enum,
 //!   `done` (absent while false) then `error` (`google.rpc.Status`) or `response` with
 //!   `videos[]` (`gcsUri`, `mimeType`) and `raiMediaFilteredCount`/`raiMediaFilteredReasons`;
-//!   - not done → [`ProviderState::InProgress`], progress `None` (Veo reports none);
-//!   - done with `error` → [`ProviderState::Failed`] with its message (`CANCELLED`, code 1, →
-//!     [`ProviderState::Cancelled`]);
-//!   - done with videos → [`ProviderState::Succeeded`], `video_url` = the first `gcsUri`;
+//!   - not done → `InProgress`, progress `None` (Veo reports none);
+//!   - done with `error` → `Failed` with its message (`CANCELLED`, code 1, → `Cancelled`);
+//!   - done with videos → `Succeeded`, `video_url` = the first `gcsUri`;
 //!   - done with inline `bytesBase64Encoded` (what Veo does without `storageUri`) → Failed with
 //!     a message naming `providers.<name>.storage_uri`: we never carry video bytes;
 //!   - done with no video and `raiMediaFilteredCount > 0` → Failed with the filter's reasons;
@@ -41,7 +40,8 @@
 //!   `access_token` (sent as is, never refreshed) or `service_account_key_file` (a JSON key:
 //!   an RS256 JWT with `iss` = `client_email`, `scope` = cloud-platform, `aud` = `token_uri`,
 //!   `kid` = `private_key_id`, one hour long, exchanged at `token_uri` for an access token that is
-//!   cached until five minutes before it expires; one refresh at a time). `api_key` is not used.
+//!   cached until five minutes before it expires; one refresh at a time, callers waiting for it
+//!   share its outcome). `api_key` is not used.
 //!   Tokens are never logged.
 //!
 //! Errors come as `{"error":{"code","message","status"}}`, which the transport already reads.
@@ -333,12 +333,40 @@ struct ServiceAccountTokens {
     key: EncodingKey,
     client: reqwest::Client,
     /// Held across a refresh, so that one refresh runs at a time and the others wait for it.
-    cached: tokio::sync::Mutex<Option<CachedToken>>,
+    state: tokio::sync::Mutex<TokenState>,
+}
+
+#[derive(Default)]
+struct TokenState {
+    cached: Option<CachedToken>,
+    /// The last refresh's failure: callers that were waiting for that refresh share it rather
+    /// than each trying again in turn (which would hold the last one for many timeouts).
+    failure: Option<RefreshFailure>,
 }
 
 struct CachedToken {
     value: HeaderValue,
     refresh_at: Instant,
+}
+
+struct RefreshFailure {
+    at: Instant,
+    message: String,
+    transient: bool,
+}
+
+impl RefreshFailure {
+    fn error(&self) -> ProviderError {
+        if self.transient {
+            ProviderError::Transient {
+                message: self.message.clone(),
+                retry_after: None,
+                unanswered: false,
+            }
+        } else {
+            ProviderError::permanent(self.message.clone())
+        }
+    }
 }
 
 impl fmt::Debug for ServiceAccountTokens {
@@ -434,7 +462,7 @@ impl ServiceAccountTokens {
             token_uri: token_uri.to_owned(),
             key,
             client,
-            cached: tokio::sync::Mutex::new(None),
+            state: tokio::sync::Mutex::default(),
         })
     }
 
@@ -521,16 +549,34 @@ impl ServiceAccountTokens {
 #[async_trait::async_trait]
 impl TokenSource for ServiceAccountTokens {
     async fn authorization(&self) -> Result<HeaderValue, ProviderError> {
-        let mut cached = self.cached.lock().await;
-        if let Some(token) = cached.as_ref() {
+        let arrived = Instant::now();
+        let mut state = self.state.lock().await;
+        if let Some(token) = state.cached.as_ref() {
             if Instant::now() < token.refresh_at {
                 return Ok(token.value.clone());
             }
         }
-        let fresh = self.fetch().await?;
-        let value = fresh.value.clone();
-        *cached = Some(fresh);
-        Ok(value)
+        if let Some(failure) = state.failure.as_ref() {
+            if failure.at >= arrived {
+                return Err(failure.error());
+            }
+        }
+        match self.fetch().await {
+            Ok(fresh) => {
+                let value = fresh.value.clone();
+                state.cached = Some(fresh);
+                state.failure = None;
+                Ok(value)
+            }
+            Err(error) => {
+                state.failure = Some(RefreshFailure {
+                    at: Instant::now(),
+                    message: error.message().to_owned(),
+                    transient: error.is_transient(),
+                });
+                Err(error)
+            }
+        }
     }
 }
 

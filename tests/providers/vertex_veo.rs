@@ -449,6 +449,8 @@ struct TokenStub {
     stub: Stub,
     /// Tokens issued.
     issued: Arc<AtomicUsize>,
+    /// Token requests received.
+    requests: Arc<AtomicUsize>,
     /// `expires_in` of the next tokens.
     expires_in: Arc<AtomicU64>,
     /// When not 200, the token endpoint answers this status with an OAuth2 error.
@@ -461,28 +463,32 @@ struct TokenStub {
 impl TokenStub {
     async fn start() -> Self {
         let issued = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
         let expires_in = Arc::new(AtomicU64::new(3600));
         let answer = Arc::new(AtomicU16::new(200));
         let refusals: Arc<Mutex<Vec<String>>> = Arc::default();
         let url: Arc<OnceLock<String>> = Arc::default();
         let api = Log::default();
         let token = {
-            let (issued, expires_in, answer, refusals, url) = (
+            let (issued, requests, expires_in, answer, refusals, url) = (
                 Arc::clone(&issued),
+                Arc::clone(&requests),
                 Arc::clone(&expires_in),
                 Arc::clone(&answer),
                 Arc::clone(&refusals),
                 Arc::clone(&url),
             );
             post(move |headers: HeaderMap, body: Bytes| {
-                let (issued, expires_in, answer, refusals, url) = (
+                let (issued, requests, expires_in, answer, refusals, url) = (
                     Arc::clone(&issued),
+                    Arc::clone(&requests),
                     Arc::clone(&expires_in),
                     Arc::clone(&answer),
                     Arc::clone(&refusals),
                     Arc::clone(&url),
                 );
                 async move {
+                    requests.fetch_add(1, Ordering::SeqCst);
                     let status = answer.load(Ordering::SeqCst);
                     if status != 200 {
                         let status = StatusCode::from_u16(status).expect("status");
@@ -525,6 +531,7 @@ impl TokenStub {
         Self {
             stub,
             issued,
+            requests,
             expires_in,
             answer,
             refusals,
@@ -686,6 +693,21 @@ async fn token_endpoint_refusals_are_permanent_and_its_outages_transient() {
         !outage.unanswered(),
         "the Veo request was never sent: {outage}"
     );
+    // Callers that waited for a failing refresh share its outcome instead of queueing theirs.
+    let before = tokens.requests.load(Ordering::SeqCst);
+    let task = task(OPERATION);
+    let results = futures::future::join_all((0..4).map(|_| provider.status(&task, None))).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().is_err_and(ProviderError::is_transient)),
+        "{results:?}"
+    );
+    assert_eq!(
+        tokens.requests.load(Ordering::SeqCst) - before,
+        1,
+        "one attempt for four waiting calls"
+    );
     assert!(
         tokens.authorizations().is_empty(),
         "no API call without a token"
@@ -693,7 +715,7 @@ async fn token_endpoint_refusals_are_permanent_and_its_outages_transient() {
 
     tokens.answer.store(200, Ordering::SeqCst);
     provider
-        .status(&task(OPERATION), None)
+        .status(&task, None)
         .await
         .expect("recovers once the endpoint does");
     assert_eq!(tokens.issued(), 1);
