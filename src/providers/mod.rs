@@ -36,6 +36,7 @@
 pub mod dashscope;
 pub mod fal;
 pub mod gemini;
+mod google_operation;
 pub mod kling;
 pub mod luma;
 pub mod minimax;

@@ -34,6 +34,8 @@
 //! DashScope: `POST /dashscope/api/v1/services/aigc/video-generation/video-synthesis`, `GET /dashscope/api/v1/tasks/{id}`, `POST …/cancel`, `GET /dashscope/files/{id}.mp4`.
 //! Kling: `POST /kling/v1/videos/text2video`, `GET /kling/v1/videos/text2video/{task or external id}` (JWT bearer), files at `GET /kling/files/{id}.mp4`.
 //! Luma: `POST /luma/generations/video`, `GET|DELETE /luma/generations/{id}`, files at `GET /luma/files/{id}.mp4`.
+//! Vertex Veo: `POST /vertex_veo/v1/projects/{p}/locations/{l}/publishers/{pub}/models/{m}:predictLongRunning|:fetchPredictOperation`, `POST /vertex_veo/token` (OAuth2 JWT grant);
+//! Gemini API Veo: `POST /gemini/v1beta/models/{m}:predictLongRunning`, `GET /gemini/v1beta/models/{m}/operations/{id}`, `GET /gemini/v1beta/files/{id}:download`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
