@@ -530,6 +530,7 @@ fn error_summary(body: &[u8]) -> String {
     if let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) {
         let message = value
             .pointer("/error/message")
+            .or_else(|| value.pointer("/detail/0/msg"))
             .or_else(|| value.get("detail"))
             .or_else(|| value.get("error"))
             .or_else(|| value.get("title"))
