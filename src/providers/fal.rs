@@ -430,7 +430,7 @@ struct CancelBody {
     status: String,
 }
 
-/// Parses the answer to `PUT …/cancel` (also when it answered 400 or 404).
+/// Parses the answer to `PUT …/cancel` (also when it answered 400, 404 or 409).
 ///
 /// # Errors
 /// Permanent for `NOT_FOUND`, an unknown `status`, or a body that is not a cancel answer.
@@ -516,7 +516,12 @@ impl VideoProvider for FalProvider {
             "{}/cancel",
             request_path(task).map_err(|e| e.context(self.transport.name()))?
         );
-        let answers = [StatusCode::BAD_REQUEST, StatusCode::NOT_FOUND];
+        // fal answers ALREADY_COMPLETED and NOT_FOUND with a 4xx; the body says which.
+        let answers = [
+            StatusCode::BAD_REQUEST,
+            StatusCode::NOT_FOUND,
+            StatusCode::CONFLICT,
+        ];
         let request = Request::new(Operation::Cancel, Method::PUT, &path).accepting(&answers);
         self.transport.send_parsed(request, parse_cancel).await
     }

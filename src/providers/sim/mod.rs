@@ -28,7 +28,7 @@
 //! `POST /v1/predictions`, `POST /v1/models/{owner}/{name}/predictions`,
 //! `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`; `GET /sim/files/{id}.mp4`
 //! (Replicate-style output, no auth); `GET /sim/stats`, `GET|POST /sim/faults`.
-//! fal queue (`Authorization: Key`): `POST /fal/{model_id}`, `GET /fal/{app}/requests/{id}[/status]`, `PUT /fal/{app}/requests/{id}/cancel`.
+//! fal (Key auth): `POST /fal/{model_id}`, `GET /fal/{app}/requests/{id}[/status]`, `PUT …/cancel`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
