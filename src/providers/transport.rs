@@ -533,6 +533,7 @@ fn error_summary(body: &[u8]) -> String {
         let message = value
             .pointer("/error/message")
             .or_else(|| value.pointer("/issues/0/message"))
+            .or_else(|| value.pointer("/detail/0/msg"))
             .or_else(|| value.get("detail"))
             .or_else(|| value.get("error"))
             .or_else(|| value.get("title"))

@@ -36,6 +36,7 @@
 //! Luma: `POST /luma/generations/video`, `GET|DELETE /luma/generations/{id}`, files at `GET /luma/files/{id}.mp4`.
 //! Vertex Veo: `POST /vertex_veo/v1/projects/{p}/locations/{l}/publishers/{pub}/models/{m}:predictLongRunning|:fetchPredictOperation`, `POST /vertex_veo/token` (OAuth2 JWT grant);
 //! Gemini API Veo: `POST /gemini/v1beta/models/{m}:predictLongRunning`, `GET /gemini/v1beta/models/{m}/operations/{id}`, `GET /gemini/v1beta/files/{id}:download`.
+//! fal (Key auth): `POST /fal/{model_id}`, `GET /fal/{app}/requests/{id}[/status]`, `PUT …/cancel`.
 //!
 //! # Layout
 //! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
