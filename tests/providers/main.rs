@@ -23,8 +23,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
-use video_orchestrator::providers::openai_videos::{self, OpenAiVideosProvider};
-use video_orchestrator::providers::replicate::{self, ReplicateProvider};
+use video_orchestrator::providers::openai_videos;
+use video_orchestrator::providers::replicate;
 use video_orchestrator::providers::sim::{SimFaults, SimHandle, SimProvider, SimSettings};
 use video_orchestrator::providers::{
     CancelOutcome, ModelRoute, ProviderError, ProviderKind, ProviderSettings, ProviderState,
