@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{Application, Role};
 use crate::client::{new_request, Client, EventStream};
 use crate::config::{Settings, Targets};
-use crate::providers::sim::{SimProvider, SimSettings};
+use crate::providers::sim::{model_for, SimProvider, SimSettings};
 use crate::providers::ProviderKind;
 use crate::store::ScratchDatabase;
 use crate::topology::Topology;
@@ -241,7 +241,7 @@ async fn run_inner(settings: &Settings, options: &DemoOptions, prefix: &str) -> 
             2 => "a film too long to wait for [duration=60000]".to_owned(),
             _ => format!("scene {i}: a paper boat on a river [duration={duration}]"),
         };
-        let request = new_request(vk, "sim-video-1", &prompt);
+        let request = new_request(vk, model_for(options.provider), &prompt);
         let bar = multi.add(ProgressBar::new(100));
         bar.set_style(style.clone());
         bar.set_prefix(format!("{vk}/{}", &request.request_id[4..12]));

@@ -9,18 +9,11 @@ use std::time::Duration;
 use test_support::app::{env_with, start_sim};
 use test_support::Instance;
 use video_orchestrator::client::{new_request, Client};
+use video_orchestrator::providers::sim::model_for;
 use video_orchestrator::providers::ProviderKind;
 use video_orchestrator::store::TaskStatus;
 
 const DONE: Duration = Duration::from_secs(60);
-
-/// A model name the kind accepts (fal's model ids are `owner/app[/path]`).
-fn model(kind: ProviderKind) -> &'static str {
-    match kind {
-        ProviderKind::Fal => "fal-ai/veo3",
-        _ => "sim-video-1",
-    }
-}
 
 /// Whether a lost submit of this kind can be found at the provider again.
 fn resolvable(kind: ProviderKind) -> bool {
@@ -48,10 +41,10 @@ async fn every_kind_completes_a_task_and_a_lost_submit_leaves_exactly_one_job() 
     let mut lost = Vec::new();
     for kind in ProviderKind::ALL {
         let vk = format!("vk-kinds-{kind}");
-        let mut request = new_request(&vk, model(kind), &format!("{kind}: a quiet lake"));
+        let mut request = new_request(&vk, model_for(kind), &format!("{kind}: a quiet lake"));
         request.provider = Some(kind.as_str().to_owned());
         plain.push((kind, client.submit(&request).await.expect("published")));
-        let mut request = new_request(&vk, model(kind), &format!("{kind}: [lost] a storm"));
+        let mut request = new_request(&vk, model_for(kind), &format!("{kind}: [lost] a storm"));
         request.provider = Some(kind.as_str().to_owned());
         lost.push((kind, client.submit(&request).await.expect("published")));
     }

@@ -333,6 +333,16 @@ pub async fn run(
     }
 }
 
+/// A model name a provider of `kind` accepts, for the demo and tests (fal's model ids are
+/// `owner/app[/path]`; the other protocols take any name).
+#[must_use]
+pub fn model_for(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Fal => "fal-ai/veo3",
+        _ => "sim-video-1",
+    }
+}
+
 type Shared = Arc<SimState>;
 
 fn router(state: Shared) -> Router {
