@@ -66,7 +66,7 @@ enum Command {
     },
     /// Print the JSON Schema of every message, keyed by message name.
     Schema,
-    /// Run the simulated video provider (OpenAI Videos and Replicate protocols).
+    /// Run the simulated video provider (every provider protocol; see README "Providers").
     SimProvider(SimProviderArgs),
     /// Inspect the configuration.
     Config {

@@ -1,5 +1,6 @@
-//! A simulated video provider: an HTTP server speaking both the OpenAI-compatible Videos API and
-//! Replicate's predictions API on one address.
+//! A simulated video provider: an HTTP server speaking every provider protocol on one address
+//! (the OpenAI-compatible Videos API and Replicate's at the root, every later kind under
+//! `/{kind}`).
 //!
 //! It is a test double of an external system, used by the tests, the demo and the benchmarks, so
 //! it keeps its jobs in memory and never renders anything: a job's state is computed from the
@@ -39,7 +40,7 @@
 //! fal (Key auth): `POST /fal/{model_id}`, `GET /fal/{app}/requests/{id}[/status]`, `PUT …/cancel`.
 //!
 //! # Layout
-//! One file per protocol (`openai_videos`, `replicate`), each with its routes; `control` for
+//! One file per protocol (`openai_videos`, `replicate`, `fal`, …), each with its routes; `control` for
 //! `/sim/*`; `state` for the jobs and counters; `http` for what the protocols share (auth,
 //! faults, error shapes). A new protocol is one more file and one `merge` in `router`.
 
