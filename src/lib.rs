@@ -43,6 +43,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod crash;
 pub mod demo;
 pub mod generation;
 pub mod http;

@@ -71,6 +71,7 @@ pub struct GenerationOrchestrator {
     gate: DatabaseGate,
     security: SecuritySettings,
     service_user: Option<String>,
+    crash_at: Option<crate::crash::CrashPoint>,
 }
 
 /// Why a message could not be handled now.
@@ -106,6 +107,7 @@ impl GenerationOrchestrator {
             gate: DatabaseGate::default(),
             security: deps.security,
             service_user: deps.service_user,
+            crash_at: crate::crash::CrashPoint::from_env(),
         }
     }
 

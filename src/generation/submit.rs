@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use super::ending::Ending;
 use super::{GenerationOrchestrator, HandleError};
 use crate::config::AmbiguousSubmit;
+use crate::crash::{crash_if, CrashPoint};
 use crate::messages::VideoGenerationRequested;
 use crate::providers::{ProviderError, ProviderTask, SubmitLookup, SubmitRequest, VideoProvider};
 use crate::store::{Task, TaskStatus};
@@ -152,6 +153,7 @@ impl GenerationOrchestrator {
             }
             let e = match provider.submit(&request).await {
                 Ok(job) => {
+                    crash_if(self.crash_at, CrashPoint::AfterProviderAccepted);
                     if !self.record_job(&r.request_id, &attempt_id, &job.id).await? {
                         info!(provider_task_id = %job.id, "task left pending while submitting; cancelling the provider job");
                         if let Err(e) = provider.cancel(&job).await {
@@ -159,6 +161,7 @@ impl GenerationOrchestrator {
                         }
                         return Ok(());
                     }
+                    crash_if(self.crash_at, CrashPoint::AfterJobRecorded);
                     Submission::Accepted.count(&name);
                     break Ok(job);
                 }

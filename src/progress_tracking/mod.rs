@@ -23,6 +23,7 @@ mod outcome;
 mod policy;
 mod tracker;
 
+pub use crate::crash::CrashPoint;
 pub use outcome::CheckOutcome;
 pub use policy::{next_interval, published_progress, schedule, PublishedProgress, Schedule};
-pub use tracker::{CrashPoint, ProgressTracker};
+pub use tracker::ProgressTracker;

@@ -14,6 +14,7 @@ use crate::messages::{
     self, Meta, ProgressStatus, TaskOutcome, VideoGenerationProgress, VideoProgressCheckRequested,
     VideoProviderTaskFinished,
 };
+use crate::crash::{crash_if, CrashPoint};
 use crate::providers::{ProviderError, ProviderState, ProviderStatus, ProviderTask, Providers};
 use crate::store::{CheckAdvance, Store, Task, TaskStatus};
 use crate::topology::Topology;
@@ -21,36 +22,6 @@ use crate::topology::Topology;
 use super::limiter::KeyedLimiter;
 use super::outcome::CheckOutcome;
 use super::policy::{next_interval, published_progress, schedule, PublishedProgress};
-
-/// Where a test can make the process die mid-check (`VIDEO_ORCHESTRATOR_CRASH_AT`), to prove the
-/// chain survives a crash at each step. Unset in production: the check is one env read at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CrashPoint {
-    /// After decoding, before anything else.
-    Received,
-    /// After the next check is published and confirmed, before the row advances.
-    AfterPublish,
-    /// After the row advanced, before the ack.
-    AfterAdvance,
-}
-
-impl CrashPoint {
-    fn from_env() -> Option<Self> {
-        match std::env::var("VIDEO_ORCHESTRATOR_CRASH_AT").ok()?.as_str() {
-            "received" => Some(Self::Received),
-            "after_publish" => Some(Self::AfterPublish),
-            "after_advance" => Some(Self::AfterAdvance),
-            _ => None,
-        }
-    }
-}
-
-fn crash_if(configured: Option<CrashPoint>, here: CrashPoint) {
-    if configured == Some(here) {
-        eprintln!("VIDEO_ORCHESTRATOR_CRASH_AT={here:?}: aborting the process");
-        std::process::abort();
-    }
-}
 
 /// The tracker: a [`Handler`] for partition queues.
 #[derive(Debug)]

@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
-use test_support::app::spawn_app_with;
-use test_support::{spawn_app, TestApp};
-use video_orchestrator::client::new_request;
+use test_support::app::{env_with, fast_vars, spawn_app_with, start_sim};
+use test_support::{process, spawn_app, Event, Instance, TestApp};
+use tokio_util::sync::CancellationToken;
+use video_orchestrator::client::{new_request, Client};
 use video_orchestrator::messages::VideoGenerationRequested;
 use video_orchestrator::providers::sim::SimFaults;
 use video_orchestrator::store::{NewTask, TaskStatus};
@@ -151,4 +152,115 @@ async fn a_submit_the_provider_never_answers_is_not_retried() {
     );
     app.sim.set_faults(SimFaults::default());
     app.stop().await;
+}
+
+/// Runs the real binary with the submit crash hook at `point`, waits for it to die right after
+/// the provider accepted the job, then a normal instance takes the redelivered request over.
+/// `extra` configures both (e.g. a provider of another kind); `provider` is requested by name.
+async fn crash_in_submit(
+    point: &str,
+    extra: &[(&str, &str)],
+    provider: Option<&str>,
+) -> (Event, video_orchestrator::providers::sim::SimStats) {
+    let sim = start_sim(1500).await;
+    let owned: Vec<(String, String)> = extra
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.replace("{sim}", &sim.base_url())))
+        .collect();
+    let borrowed: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let env = env_with(&sim, &borrowed).await;
+    let events = env.events().await;
+    let mut vars = fast_vars(&sim);
+    vars.extend(owned.iter().cloned());
+    vars.extend(env.child_vars());
+    let child = process::command(&["serve"])
+        .envs(vars)
+        .env("VIDEO_ORCHESTRATOR_CRASH_AT", point)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("binary starts");
+    // The binary declares the topology and waits for its HTTP port; publish once it is up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stop = CancellationToken::new();
+    let client = Client::new(env.broker().await, stop.clone());
+    let mut request = new_request("vk-crash-submit", "sim-video-1", "crash in the submit");
+    request.provider = provider.map(str::to_owned);
+    let id = client.submit(&request).await.expect("published");
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the process dies at the crash point")
+        .unwrap();
+    assert!(!output.status.success(), "the process must have aborted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("VIDEO_ORCHESTRATOR_CRASH_AT"),
+        "the process died elsewhere than the crash point: {stderr}"
+    );
+    assert_eq!(sim.stats().jobs, 1, "the provider accepted the job");
+
+    let service = Instance::start_all(&env.settings).await;
+    let terminal = events
+        .wait_for(
+            |e| e.is("video.generation.completed", &id) || e.is("video.generation.failed", &id),
+            DONE,
+        )
+        .await
+        .expect("the task ends");
+    let stats = sim.stats();
+    stop.cancel();
+    drop(client);
+    service.stop().await;
+    events.close().await;
+    env.cleanup().await;
+    sim.shutdown().await;
+    (terminal, stats)
+}
+
+#[tokio::test]
+async fn a_crash_after_the_job_id_was_recorded_resumes_the_one_job() {
+    let (terminal, stats) = crash_in_submit("after_job_recorded", &[], None).await;
+    assert_eq!(
+        terminal.routing_key, "video.generation.completed",
+        "{}",
+        terminal.body
+    );
+    assert_eq!(stats.submits, 1, "nothing submitted again");
+    assert_eq!(stats.jobs, 1, "exactly one provider job");
+}
+
+#[tokio::test]
+async fn a_crash_before_the_job_id_was_recorded_fails_the_task_as_unknown_by_default() {
+    let (terminal, stats) = crash_in_submit("after_provider_accepted", &[], None).await;
+    assert_eq!(
+        terminal.routing_key, "video.generation.failed",
+        "{}",
+        terminal.body
+    );
+    assert_eq!(terminal.body["error"], "submission outcome unknown");
+    assert_eq!(terminal.body["retryable"], true);
+    assert_eq!(stats.submits, 1, "not sent again");
+    assert_eq!(stats.jobs, 1, "exactly one provider job");
+}
+
+#[tokio::test]
+async fn a_crash_before_the_job_id_was_recorded_is_resolved_through_klings_external_task_id() {
+    let kling = [
+        ("APP__PROVIDERS__KLING__KIND", "kling"),
+        ("APP__PROVIDERS__KLING__BASE_URL", "{sim}/kling"),
+        ("APP__PROVIDERS__KLING__ACCESS_KEY", "ak-crash-test"),
+        ("APP__PROVIDERS__KLING__API_KEY", "sim-key"),
+    ];
+    let (terminal, stats) = crash_in_submit("after_provider_accepted", &kling, Some("kling")).await;
+    assert_eq!(
+        terminal.routing_key, "video.generation.completed",
+        "the job is found again by our attempt id and tracked: {}",
+        terminal.body
+    );
+    assert_eq!(stats.submits, 1, "not sent again");
+    assert_eq!(stats.jobs, 1, "exactly one provider job");
 }
