@@ -65,12 +65,12 @@ impl MassTransit {
     /// parked); fields of the payload are checked when the translated body is decoded.
     pub fn read(&self, d: &Received<'_>) -> Option<Result<Translated, DecodeError>> {
         Some(match shape(d)? {
-            Shape::Envelope => self.from_envelope(d),
-            Shape::Raw(urns) => self.from_raw(d, &urns),
+            Shape::Envelope => self.read_envelope(d),
+            Shape::Raw(urns) => self.read_raw(d, &urns),
         })
     }
 
-    fn from_envelope(&self, d: &Received<'_>) -> Result<Translated, DecodeError> {
+    fn read_envelope(&self, d: &Received<'_>) -> Result<Translated, DecodeError> {
         let value: Value =
             serde_json::from_slice(d.body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
         let Value::Object(envelope) = value else {
@@ -122,7 +122,7 @@ impl MassTransit {
         ))
     }
 
-    fn from_raw(&self, d: &Received<'_>, urns: &[String]) -> Result<Translated, DecodeError> {
+    fn read_raw(&self, d: &Received<'_>, urns: &[String]) -> Result<Translated, DecodeError> {
         let message_type = self.inbound_type(MESSAGE_TYPE_HEADER, urns)?;
         let value: Value =
             serde_json::from_slice(d.body).map_err(|e| DecodeError::NotJson(e.to_string()))?;
