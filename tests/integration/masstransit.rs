@@ -547,6 +547,19 @@ async fn a_malformed_masstransit_envelope_is_parked_with_its_reason() {
         )
         .await;
     }
+    // Raw JSON without a prompt: the field is named from the body itself, and the headers that
+    // made it MassTransit's are kept with the parked copy, for a requeue.
+    let raw_id = "181c0000-6393-3630-36a4-08daf4e7c6e4";
+    let raw_type = format!("urn:message:{NS}:VideoGenerationRequested");
+    publish_as_masstransit(
+        &app,
+        "VideoGenerationRequested",
+        br#"{"requestId": "9d3b1f0e-7c1a-4e55-8a0f-3b6d2e1c4a04", "virtualKeyId": "vk-contoso", "model": "sora-2"}"#,
+        "application/json",
+        Some(raw_id),
+        &[("MT-MessageType".to_owned(), raw_type.clone())],
+    )
+    .await;
     // A good one after them is not held up.
     let good = fixture_json("envelope_minimal.json");
     publish_envelope(&app, "VideoGenerationRequested", &good).await;
@@ -554,15 +567,22 @@ async fn a_malformed_masstransit_envelope_is_parked_with_its_reason() {
 
     let parked = eventually(Duration::from_secs(10), || async {
         let list = app.env.store.list_parked(20).await.ok()?;
-        (list.len() >= cases.len()).then_some(list)
+        (list.len() > cases.len()).then_some(list)
     })
     .await
     .expect("every malformed envelope is parked");
     assert_eq!(
         parked.len(),
-        cases.len(),
+        cases.len() + 1,
         "only the malformed ones: {parked:#?}"
     );
+    let raw = parked
+        .iter()
+        .find(|p| p.message_id.as_deref() == Some(raw_id))
+        .expect("the raw JSON is parked");
+    assert!(raw.reason.starts_with("field `prompt`"), "{}", raw.reason);
+    assert_eq!(raw.headers["contentType"], "application/json");
+    assert_eq!(raw.headers["headers"]["MT-MessageType"], raw_type.as_str());
     let exchange = topology
         .masstransit_exchange("VideoGenerationRequested")
         .unwrap();
@@ -579,13 +599,14 @@ async fn a_malformed_masstransit_envelope_is_parked_with_its_reason() {
     for id in [
         "9d3b1f0e-7c1a-4e55-8a0f-3b6d2e1c4a01",
         "9d3b1f0e-7c1a-4e55-8a0f-3b6d2e1c4a02",
+        "9d3b1f0e-7c1a-4e55-8a0f-3b6d2e1c4a04",
     ] {
         assert!(app.env.store.get(id).await.expect("read").is_none(), "{id}");
     }
     assert_eq!(app.env.queue_depth(&topology.generation_queue()).await, 0);
     assert_eq!(
         app.env.queue_depth(&topology.parking_queue()).await,
-        u32::try_from(cases.len()).unwrap(),
+        u32::try_from(cases.len() + 1).unwrap(),
         "each in video.parking too"
     );
     app.stop().await;
