@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -21,6 +22,7 @@ use tracing::{info, warn};
 use crate::broker::{consume, Broker, BrokerError, BrokerOptions, ConsumerSpec, Publisher};
 use crate::config::Settings;
 use crate::generation::{GenerationDeps, GenerationOrchestrator};
+use crate::interop::masstransit::{HostInfo, MassTransit};
 use crate::partitions::PartitionManager;
 use crate::progress_tracking::ProgressTracker;
 use crate::providers::{ProviderConfigError, Providers};
@@ -177,9 +179,18 @@ impl Application {
         let infra = TaskTracker::new();
 
         infra.spawn(broker.clone().supervise(infra_stop.clone()));
+        let masstransit = settings.rabbitmq.node_urls().first().and_then(|url| {
+            MassTransit::new(
+                &topology,
+                url.expose_secret(),
+                HostInfo::of_this_process(&hostname()),
+            )
+            .map(Arc::new)
+        });
         // Publishes keep retrying through reconnects until the broker itself shuts down.
         let publisher = Publisher::new(broker.clone(), infra_stop.clone())
-            .with_park_sink(Arc::new(DbParkSink(store.clone())));
+            .with_park_sink(Arc::new(DbParkSink(store.clone())))
+            .with_masstransit(masstransit.clone());
         let relay_wake = Arc::new(Notify::new());
         let consumers_running = Arc::new(AtomicBool::new(false));
 
@@ -195,6 +206,7 @@ impl Application {
                 stop: consumers_stop.clone(),
                 security: settings.security.clone(),
                 service_user: settings.rabbitmq.user(),
+                masstransit: masstransit.clone(),
             }));
             let spec = ConsumerSpec {
                 queue: topology.generation_queue(),
@@ -276,6 +288,7 @@ impl Application {
             roles = ?roles,
             prefix = %topology.prefix(),
             partitions = topology.partitions(),
+            masstransit = topology.masstransit_namespace().unwrap_or("off"),
             "video-orchestrator running"
         );
 
@@ -328,6 +341,14 @@ impl crate::broker::ParkSink for DbParkSink {
                 "correlationId": text(&delivery.correlation_id),
                 "x-virtual-key": text(&delivery.virtual_key),
                 "traceparent": text(&delivery.traceparent),
+                "contentType": text(&delivery.content_type),
+                "headers": crate::messages::record_headers(
+                    &delivery
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (pg_text(k), pg_text(v)))
+                        .collect::<Vec<_>>(),
+                ),
                 "redelivered": delivery.redelivered,
             }),
             body: delivery.body.clone(),

@@ -95,6 +95,9 @@ pub struct Settings {
     /// Who may publish commands for which tenant (`[security]`).
     #[serde(default)]
     pub security: SecuritySettings,
+    /// Other frameworks' wire formats (`[interop]`).
+    #[serde(default)]
+    pub interop: InteropSettings,
     /// Video providers by name.
     #[serde(default, serialize_with = "providers_redacted")]
     pub providers: HashMap<String, ProviderSettings>,
@@ -646,6 +649,7 @@ impl Settings {
         self.outbox.validate()?;
         self.retention.validate()?;
         self.security.validate(&self.rabbitmq)?;
+        self.interop.validate(&self.topology)?;
         self.validate_providers()?;
         self.webhooks.validate(&self.environment)
     }
@@ -683,5 +687,7 @@ impl Settings {
 }
 
 mod durations;
+mod interop;
+pub use interop::{is_dotnet_namespace, InteropSettings, MassTransitSettings};
 #[cfg(test)]
 mod tests;

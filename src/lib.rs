@@ -10,7 +10,9 @@
 //! - [`telemetry`]: JSON logs, `RUST_LOG`.
 //! - [`messages`]: the message contract, pure data (commands, events, checks, the envelope, the
 //!   decoder and its limits); it imports nothing of ours.
-//! - [`topology`]: exchanges and queues, declared at every start.
+//! - [`topology`]: exchanges and queues, declared at every start (MassTransit's in `masstransit`).
+//! - [`interop`]: other frameworks' wire formats for our contract (MassTransit's envelope and raw
+//!   JSON), translated at the edges so everything else sees only our contract.
 //! - [`broker`]: connection with reconnect and confirmed publisher (`mod.rs`), the consumer loop
 //!   with parking and delayed retries, never a requeue (`consumer`), trace context (`trace`).
 //! - [`store`]: all of PostgreSQL, one file per aggregate (tasks, outbox, checks, parked messages,
@@ -47,6 +49,7 @@ pub mod crash;
 pub mod demo;
 pub mod generation;
 pub mod http;
+pub mod interop;
 pub mod messages;
 pub mod partitions;
 pub mod progress_tracking;

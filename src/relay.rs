@@ -4,6 +4,10 @@
 //! At-least-once: a crash between the broker's confirm and the delete re-sends the row after
 //! restart with the same `messageId`, so consumers de-duplicate. Any number of instances may run
 //! a relay; `FOR UPDATE SKIP LOCKED` keeps two from publishing the same row at once.
+//!
+//! With `interop.masstransit` on, the publisher sends an event row together with its MassTransit
+//! copy and the row is deleted only once both are confirmed: one row, two messages, so the copy
+//! needs no outbox row of its own and is as atomic, at-least-once and ordered per task as the row.
 
 use std::sync::Arc;
 use std::time::Duration;

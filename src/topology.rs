@@ -10,7 +10,8 @@
 //! - `video.generation.retry.{ms}` (quorum, fixed TTL, dead-lettering back into
 //!   `video.generation`): delayed retries of messages that failed for a transient reason;
 //! - `video.parking` (quorum): poison and unprocessable messages, and whatever a consumed queue
-//!   dead-letters at its delivery limit.
+//!   dead-letters at its delivery limit;
+//! - with `interop.masstransit` on, MassTransit's exchanges for our message types (`masstransit`).
 
 use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
@@ -21,6 +22,9 @@ use lapin::{Connection, ExchangeKind};
 
 use crate::config::{QueueLimits, Settings};
 use crate::messages::{Envelope, Message};
+
+mod masstransit;
+pub use masstransit::{MASSTRANSIT_EVENTS, MASSTRANSIT_INBOUND};
 
 /// The header the consistent-hash exchange hashes: the virtual key.
 pub const VIRTUAL_KEY_HEADER: &str = "x-virtual-key";
@@ -87,6 +91,8 @@ pub struct Topology {
     quorum_group_size: u32,
     delivery_limit: u32,
     queue_limits: QueueLimits,
+    /// `interop.masstransit.namespace` when interop is on.
+    masstransit_namespace: Option<String>,
 }
 
 /// Retry tiers of [`Topology::new`] (the configuration's defaults).
@@ -103,6 +109,7 @@ impl Topology {
             quorum_group_size: 0,
             delivery_limit: 20,
             queue_limits: QueueLimits::Arguments,
+            masstransit_namespace: None,
         }
     }
 
@@ -116,6 +123,11 @@ impl Topology {
             quorum_group_size: settings.topology.quorum_group_size,
             delivery_limit: settings.topology.delivery_limit,
             queue_limits: settings.topology.consumer_queue_limits,
+            masstransit_namespace: settings
+                .interop
+                .masstransit
+                .enabled_namespace()
+                .map(str::to_owned),
         }
     }
 
@@ -234,7 +246,9 @@ impl Topology {
 
     /// Every exchange name.
     pub fn all_exchanges(&self) -> Vec<String> {
-        vec![self.events_exchange(), self.progress_exchange()]
+        let mut exchanges = vec![self.events_exchange(), self.progress_exchange()];
+        exchanges.extend(self.masstransit_exchanges());
+        exchanges
     }
 
     fn quorum_args(&self) -> FieldTable {
@@ -382,6 +396,7 @@ impl Topology {
                 )
                 .await?;
         }
+        self.declare_masstransit(&channel).await?;
 
         for p in 0..self.partitions {
             let name = self.partition_queue(p);

@@ -35,6 +35,8 @@ pub struct Incoming {
     pub routing_key: String,
     /// Body.
     pub body: Vec<u8>,
+    /// `content_type` property.
+    pub content_type: Option<String>,
     /// `message_id` property.
     pub message_id: Option<String>,
     /// `type` property.
@@ -80,6 +82,7 @@ impl Incoming {
             exchange: String::new(),
             routing_key: String::new(),
             body,
+            content_type: None,
             message_id: None,
             message_type: None,
             correlation_id: None,
@@ -123,6 +126,7 @@ impl Incoming {
             exchange: String::new(),
             routing_key: queue,
             body: self.body.clone(),
+            content_type: self.content_type.clone(),
             message_id: self
                 .message_id
                 .clone()
@@ -157,6 +161,11 @@ impl Incoming {
             exchange: d.exchange.to_string(),
             routing_key: d.routing_key.to_string(),
             body: d.data.clone(),
+            content_type: d
+                .properties
+                .content_type()
+                .as_ref()
+                .map(ToString::to_string),
             message_id: d.properties.message_id().as_ref().map(ToString::to_string),
             message_type: d.properties.kind().as_ref().map(ToString::to_string),
             correlation_id: d

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 mod consumer;
 mod trace;
 
+use crate::interop::masstransit::MassTransit;
 use crate::messages::Envelope;
 pub use crate::redact::redact_url;
 use crate::topology::{Topology, TopologyError, VIRTUAL_KEY_HEADER};
@@ -361,7 +362,13 @@ fn properties(message: &Envelope, user_id: Option<&str>) -> BasicProperties {
             headers.insert(k.as_str().into(), AMQPValue::LongString(v.as_str().into()));
         }
         let properties = BasicProperties::default()
-            .with_content_type("application/json".into())
+            .with_content_type(
+                message
+                    .content_type
+                    .as_deref()
+                    .unwrap_or("application/json")
+                    .into(),
+            )
             .with_delivery_mode(2)
             .with_message_id(message.message_id.as_str().into())
             .with_type(message.message_type.as_str().into())
@@ -384,6 +391,7 @@ pub struct Publisher {
     channel: Arc<Mutex<Option<Channel>>>,
     shutdown: CancellationToken,
     park_sink: Option<Arc<dyn ParkSink>>,
+    masstransit: Option<Arc<MassTransit>>,
 }
 
 /// Also records parked messages elsewhere (the `parked_messages` table), so operators can list
@@ -403,7 +411,16 @@ impl Publisher {
             channel: Arc::new(Mutex::new(None)),
             shutdown,
             park_sink: None,
+            masstransit: None,
         }
+    }
+
+    /// Also publishes every event on `video.events` as a MassTransit envelope to its
+    /// `{namespace}:{EventName}` exchange (`interop.masstransit`; `None`: off).
+    #[must_use]
+    pub fn with_masstransit(mut self, masstransit: Option<Arc<MassTransit>>) -> Self {
+        self.masstransit = masstransit;
+        self
     }
 
     /// Records every parked message in `sink` too.
@@ -432,10 +449,33 @@ impl Publisher {
         Ok(ch)
     }
 
-    /// Publishes and waits for the broker's confirm. Connection and channel failures are retried
-    /// (the same `message_id` is re-sent) until the message is confirmed, refused, or the process
-    /// shuts down; an unroutable mandatory message is an error at once. A nack is re-sent on a
-    /// fresh channel for up to `confirm_timeout`, then it is an error.
+    /// Publishes and waits for the broker's confirm; with MassTransit interop on, an event on
+    /// `video.events` is published together with its MassTransit copy, and this returns once both
+    /// are confirmed (an error for either: the caller sends both again, with the same message id,
+    /// so the copy is exactly as at-least-once and as ordered per task as the event).
+    ///
+    /// # Errors
+    /// As [`Self::publish_one`], for the event or its copy. A copy that could never be published
+    /// (over the broker's size limit) is logged and left out: it must not hold up the event.
+    pub async fn publish(&self, message: &Envelope) -> Result<(), BrokerError> {
+        let Some(copy) = self.masstransit.as_ref().and_then(|mt| mt.copy_of(message)) else {
+            return self.publish_one(message).await;
+        };
+        let (ours, theirs) = tokio::join!(self.publish_one(message), self.publish_one(&copy));
+        ours?;
+        match theirs {
+            Err(e @ BrokerError::Unpublishable { .. }) => {
+                warn!(exchange = %copy.exchange, error = %e, "MassTransit copy left out: it can never be published");
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Publishes one message and waits for the broker's confirm. Connection and channel failures
+    /// are retried (the same `message_id` is re-sent) until the message is confirmed, refused, or
+    /// the process shuts down; an unroutable mandatory message is an error at once. A nack is
+    /// re-sent on a fresh channel for up to `confirm_timeout`, then it is an error.
     ///
     /// Why a nack is retried on a new channel: on RabbitMQ 3.10, a channel whose first publish to
     /// a quorum queue comes while the queue still names a dead node as its leader (the moments
@@ -445,7 +485,7 @@ impl Publisher {
     /// # Errors
     /// [`BrokerError::Unpublishable`], [`BrokerError::Nacked`], [`BrokerError::Unroutable`],
     /// [`BrokerError::Shutdown`], or [`BrokerError::Unconfirmed`] after repeated failures.
-    pub async fn publish(&self, message: &Envelope) -> Result<(), BrokerError> {
+    pub async fn publish_one(&self, message: &Envelope) -> Result<(), BrokerError> {
         if let Some(reason) = message.unpublishable() {
             return Err(BrokerError::Unpublishable {
                 message_id: truncate(&message.message_id, 80),
@@ -552,7 +592,7 @@ impl Publisher {
             ));
         }
         let message = delivery.copy_to(self.broker.topology().parking_queue(), extra);
-        self.publish(&message).await?;
+        self.publish_one(&message).await?;
         if let Some(sink) = &self.park_sink {
             sink.record(delivery, reason).await;
         }

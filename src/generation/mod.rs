@@ -26,7 +26,10 @@ use tracing::{warn, Instrument};
 
 use crate::broker::{delivery_span, Handler, Incoming, Outcome, PublishedBy};
 use crate::config::{GenerationSettings, SecuritySettings, TrackingSettings, WebhookSettings};
-use crate::messages::{Envelope, GenerationCommand, Meta, VideoGenerationCommandRejected};
+use crate::interop::masstransit::{MassTransit, Received};
+use crate::messages::{
+    DecodeError, Envelope, GenerationCommand, Meta, VideoGenerationCommandRejected,
+};
 use crate::providers::Providers;
 use crate::store::{Store, StoreError, UnitOfWork};
 use crate::topology::Topology;
@@ -55,6 +58,8 @@ pub struct GenerationDeps {
     pub security: SecuritySettings,
     /// The service's own RabbitMQ user, when `security.publishers` is on.
     pub service_user: Option<String>,
+    /// Reads what MassTransit services send (`interop.masstransit`; `None`: off).
+    pub masstransit: Option<Arc<MassTransit>>,
 }
 
 /// The generation orchestrator; one per process, shared by its consumer's deliveries.
@@ -72,6 +77,7 @@ pub struct GenerationOrchestrator {
     security: SecuritySettings,
     service_user: Option<String>,
     crash_at: Option<crate::crash::CrashPoint>,
+    masstransit: Option<Arc<MassTransit>>,
 }
 
 /// Why a message could not be handled now.
@@ -108,7 +114,39 @@ impl GenerationOrchestrator {
             security: deps.security,
             service_user: deps.service_user,
             crash_at: crate::crash::CrashPoint::from_env(),
+            masstransit: deps.masstransit,
         }
+    }
+
+    /// The command a delivery carries, and the trace it continues. A MassTransit message
+    /// (envelope or raw JSON) is first turned into our contract, then decoded like any other, so
+    /// everything after this sees one shape.
+    fn decode(
+        &self,
+        incoming: &Incoming,
+    ) -> Result<(GenerationCommand, Option<String>), DecodeError> {
+        let received = Received {
+            content_type: incoming.content_type.as_deref(),
+            message_id: incoming.message_id.as_deref(),
+            headers: &incoming.headers,
+            body: &incoming.body,
+        };
+        if let Some(read) = self.masstransit.as_ref().and_then(|mt| mt.read(&received)) {
+            let translated = read?;
+            let command =
+                GenerationCommand::decode(Some(translated.message_type), "", &translated.body)
+                    .map_err(|e| e.within(translated.payload_path))?;
+            let trace = translated
+                .traceparent
+                .or_else(|| incoming.traceparent.clone());
+            return Ok((command, trace));
+        }
+        let command = GenerationCommand::decode(
+            incoming.message_type.as_deref(),
+            &incoming.routing_key,
+            &incoming.body,
+        )?;
+        Ok((command, incoming.traceparent.clone()))
     }
 
     async fn dispatch(
@@ -241,12 +279,8 @@ impl Handler for GenerationOrchestrator {
                     self.settings.max_message_bytes
                 ));
             }
-            let command = match GenerationCommand::decode(
-                incoming.message_type.as_deref(),
-                &incoming.routing_key,
-                &incoming.body,
-            ) {
-                Ok(c) => c,
+            let (command, parent_trace) = match self.decode(&incoming) {
+                Ok(decoded) => decoded,
                 Err(e) => {
                     metrics::counter!("video_poison_messages_total", "queue" => "generation")
                         .increment(1);
@@ -264,7 +298,7 @@ impl Handler for GenerationOrchestrator {
                     return Outcome::Retry("database unavailable".to_owned())
                 }
             }
-            let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
+            let traceparent = crate::broker::child_traceparent(parent_trace.as_deref());
             // A retry is our own message coming back: resume it like a redelivery.
             let redelivered = incoming.redelivered || incoming.retry_attempt > 0;
             let published_by = self

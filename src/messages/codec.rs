@@ -41,6 +41,31 @@ pub enum DecodeError {
     },
 }
 
+impl DecodeError {
+    /// The same error for a body found at `path` inside what was sent (a MassTransit envelope's
+    /// `message`), its field named from there: `prompt` becomes `message.prompt`. An empty `path`
+    /// changes nothing.
+    #[must_use]
+    pub fn within(self, path: &str) -> Self {
+        let join = |field: String| match (path, field.as_str()) {
+            ("", _) => field,
+            (_, ".") => path.to_owned(),
+            _ => format!("{path}.{field}"),
+        };
+        match self {
+            Self::Field { field, reason } => Self::Field {
+                field: join(field),
+                reason,
+            },
+            Self::Unstorable { field, reason } => Self::Unstorable {
+                field: join(field),
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
 /// The first string (or object key) in `value` that holds a NUL character, as a field path.
 /// PostgreSQL refuses `0x00` in `text` and `jsonb`, so such a message can never be stored.
 fn nul_path(value: &serde_json::Value, path: &str) -> Option<String> {
@@ -202,6 +227,30 @@ mod tests {
         assert_eq!(again, m);
         let v: serde_json::Value = serde_json::from_slice(&encode(&m)).unwrap();
         assert!(v.get("virtualKeyId").is_some() && v.get("messageId").is_some());
+    }
+
+    #[test]
+    fn an_error_within_an_envelope_names_the_field_from_the_envelope() {
+        let missing = DecodeError::Field {
+            field: "prompt".into(),
+            reason: "missing field `prompt`".into(),
+        };
+        assert!(matches!(
+            missing.clone().within("message"),
+            DecodeError::Field { field, .. } if field == "message.prompt"
+        ));
+        assert_eq!(missing.clone().within(""), missing);
+        let root = DecodeError::Field {
+            field: ".".into(),
+            reason: "expected a JSON object".into(),
+        };
+        assert!(
+            matches!(root.within("message"), DecodeError::Field { field, .. } if field == "message")
+        );
+        assert_eq!(
+            DecodeError::UnsupportedVersion(2).within("message"),
+            DecodeError::UnsupportedVersion(2)
+        );
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub struct Envelope {
     pub routing_key: String,
     /// JSON body.
     pub body: Vec<u8>,
+    /// `content_type` property; `None` is our contract's `application/json`.
+    pub content_type: Option<String>,
     /// `message_id` property: the body's `messageId`, kept across re-sends.
     pub message_id: String,
     /// `type` property.
@@ -39,6 +41,7 @@ impl Envelope {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
             body: encode(message),
+            content_type: None,
             message_id: message.meta().message_id.to_string(),
             message_type: M::NAME.to_owned(),
             correlation_id: message.request_id().to_owned(),
@@ -65,13 +68,16 @@ impl Envelope {
             "correlationId": self.correlation_id,
             "x-virtual-key": self.virtual_key,
             "traceparent": self.traceparent,
+            "contentType": self.content_type,
+            "headers": record_headers(&self.extra_headers),
         })
     }
 
     /// A message recorded with its properties, to publish again as it was to `exchange` with
     /// `routing_key`; unroutable is an error. `properties` is the JSON object a
     /// `parked_messages` row keeps (`messageId`, `type`, `correlationId`, `x-virtual-key`,
-    /// `traceparent`); a message recorded without an id gets a fresh one.
+    /// `traceparent`, `contentType`, and the other string `headers`, such as MassTransit's
+    /// `MT-MessageType`); a message recorded without an id gets a fresh one.
     pub fn from_recorded(
         exchange: impl Into<String>,
         routing_key: impl Into<String>,
@@ -88,12 +94,21 @@ impl Envelope {
             exchange: exchange.into(),
             routing_key: routing_key.into(),
             body,
+            content_type: text("contentType"),
             message_id: text("messageId").unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             message_type: text("type").unwrap_or_default(),
             correlation_id: text("correlationId").unwrap_or_default(),
             virtual_key: text("x-virtual-key").unwrap_or_default(),
             traceparent: text("traceparent"),
-            extra_headers: Vec::new(),
+            extra_headers: properties
+                .get("headers")
+                .and_then(|h| h.as_object())
+                .map(|h| {
+                    h.iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default(),
             mandatory: true,
         }
     }
@@ -140,6 +155,16 @@ impl Envelope {
     }
 }
 
+/// String headers as the JSON object `parked_messages.headers` keeps under `headers`.
+pub fn record_headers(headers: &[(String, String)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        headers
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +203,7 @@ mod tests {
             ("r-1", "vk-1")
         );
         assert_eq!(e.traceparent, None);
+        assert_eq!(e.content_type, None);
         assert!(e.mandatory && e.extra_headers.is_empty());
         let fresh = Envelope::from_recorded("", "q", Vec::new(), &serde_json::json!({}));
         assert!(uuid::Uuid::parse_str(&fresh.message_id).is_ok());
@@ -192,7 +218,13 @@ mod tests {
             &serde_json::json!({
                 "messageId": "m-2", "type": "VideoGenerationStarted",
                 "correlationId": "r-2", "x-virtual-key": "vk-2", "traceparent": "00-ab-cd-01",
+                "contentType": "application/vnd.masstransit+json",
+                "headers": {"MT-MessageType": "urn:message:A:B", "not-a-string": 1},
             }),
+        );
+        assert_eq!(
+            e.extra_headers,
+            vec![("MT-MessageType".to_owned(), "urn:message:A:B".to_owned())]
         );
         e.mandatory = false;
         let again = Envelope::from_recorded(
@@ -206,5 +238,10 @@ mod tests {
         assert_eq!(again.virtual_key, "vk-2");
         assert_eq!(again.traceparent.as_deref(), Some("00-ab-cd-01"));
         assert_eq!(again.message_type, "VideoGenerationStarted");
+        assert_eq!(
+            again.content_type.as_deref(),
+            Some("application/vnd.masstransit+json")
+        );
+        assert_eq!(again.extra_headers, e.extra_headers);
     }
 }

@@ -136,7 +136,7 @@ pub use commands::{
     GenerationCommand, TaskOutcome, VideoGenerationCancelRequested, VideoGenerationRequested,
     VideoProviderTaskFinished,
 };
-pub use envelope::Envelope;
+pub use envelope::{record_headers, Envelope};
 pub use events::{
     ProgressStatus, VideoGenerationCancelled, VideoGenerationCommandRejected,
     VideoGenerationCompleted, VideoGenerationFailed, VideoGenerationProgress,

@@ -68,6 +68,7 @@ impl UnitOfWork {
                         exchange: r.try_get("exchange")?,
                         routing_key: r.try_get("routing_key")?,
                         body: r.try_get("body")?,
+                        content_type: None,
                         message_id: r.try_get("message_id")?,
                         message_type: r.try_get("message_type")?,
                         correlation_id: r.try_get("correlation_id")?,

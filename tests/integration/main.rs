@@ -2,6 +2,7 @@ mod bad_input;
 mod broker;
 mod cluster_failover;
 mod generation;
+mod masstransit;
 mod operations;
 mod provider_kinds;
 mod proxy;
