@@ -2,6 +2,7 @@ mod bad_input;
 mod broker;
 mod cluster_failover;
 mod generation;
+mod metrics_at_zero;
 mod operations;
 mod provider_kinds;
 mod proxy;
