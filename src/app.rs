@@ -107,10 +107,11 @@ impl Application {
     /// # Errors
     /// [`StartError`] saying which dependency failed and where.
     pub async fn build(settings: Settings, roles: &[Role]) -> Result<Self, StartError> {
-        crate::http::metrics_handle();
+        crate::metrics::handle();
         let providers = Providers::from_settings(&settings.providers, &settings.routing)?;
-        let store = Store::connect(&settings.database).await?;
         let topology = Topology::from_settings(&settings);
+        crate::metrics::register_zero(&topology, &providers.names());
+        let store = Store::connect(&settings.database).await?;
         let broker = Broker::connect(BrokerOptions::from_settings(&settings), topology).await?;
         let listener = TcpListener::bind(settings.http.listen)
             .await

@@ -2,14 +2,13 @@
 //! (`Authorization: Bearer <API key>`; another tenant's task is indistinguishable from a missing one).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use tracing::warn;
 
@@ -17,51 +16,8 @@ use crate::auth::{self, AuthError};
 use crate::broker::Broker;
 use crate::store::{Store, TaskView};
 
-/// The process-wide Prometheus recorder (installed once; tests and the demo share it).
-pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let builder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full("video_progress_scheduling_lag_seconds".to_owned()),
-                    // Fine below 100 ms, where the lag target lives (a superset of the
-                    // earlier buckets, so existing queries keep working).
-                    &[
-                        0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075,
-                        0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
-                    ],
-                )
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("video_progress_db_batch_size".to_owned()),
-                        &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Full("video_message_deliveries".to_owned()),
-                        &[1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0],
-                    )
-                })
-                .and_then(|b| {
-                    b.set_buckets_for_metric(
-                        Matcher::Suffix("_seconds".to_owned()),
-                        &[
-                            0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-                            300.0, 600.0, 1800.0,
-                        ],
-                    )
-                })
-                .unwrap_or_else(|_| PrometheusBuilder::new());
-            let recorder = builder.build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (embedding); then ours only renders.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
-}
+/// The process-wide Prometheus recorder (see [`crate::metrics`], which installs and describes it).
+pub use crate::metrics::handle as metrics_handle;
 
 /// Process metrics from `/proc` (Linux), in Prometheus text format.
 fn process_metrics() -> String {
@@ -70,11 +26,15 @@ fn process_metrics() -> String {
         for line in status.lines() {
             if let Some(kb) = line.strip_prefix("VmRSS:") {
                 if let Ok(kb) = kb.trim().trim_end_matches("kB").trim().parse::<u64>() {
+                    out.push_str(
+                        "# HELP process_resident_memory_bytes Resident memory size in bytes.\n",
+                    );
                     out.push_str("# TYPE process_resident_memory_bytes gauge\n");
                     out.push_str(&format!("process_resident_memory_bytes {}\n", kb * 1024));
                 }
             }
             if let Some(n) = line.strip_prefix("Threads:") {
+                out.push_str("# HELP process_threads Threads of the process.\n");
                 out.push_str("# TYPE process_threads gauge\n");
                 out.push_str(&format!("process_threads {}\n", n.trim()));
             }
@@ -87,6 +47,9 @@ fn process_metrics() -> String {
             // utime and stime are fields 14 and 15 of stat, 12 and 13 here; in clock ticks (100/s).
             if let (Some(u), Some(s)) = (fields.get(11), fields.get(12)) {
                 if let (Ok(u), Ok(s)) = (u.parse::<f64>(), s.parse::<f64>()) {
+                    out.push_str(
+                        "# HELP process_cpu_seconds_total User and system CPU time spent in seconds.\n",
+                    );
                     out.push_str("# TYPE process_cpu_seconds_total counter\n");
                     out.push_str(&format!("process_cpu_seconds_total {}\n", (u + s) / 100.0));
                 }
@@ -94,6 +57,7 @@ fn process_metrics() -> String {
         }
     }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        out.push_str("# HELP process_open_fds Open file descriptors.\n");
         out.push_str("# TYPE process_open_fds gauge\n");
         out.push_str(&format!("process_open_fds {}\n", dir.count()));
     }

@@ -28,6 +28,8 @@
 //!   [`sweeper`]: re-arms lost chains.
 //! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks and their address checks;
 //!   [`retention`]: removes what is past `[retention]`.
+//! - [`metrics`]: every metric's name, help and labels, the recorder, and the series that exist
+//!   at zero from the first scrape.
 //! - [`auth`]: API keys; [`http`]: health, readiness, metrics, task lookup; [`app`]: roles,
 //!   start-up and shutdown; [`cli`]: one function per command; [`demo`]; [`bench`](mod@bench): the
 //!   benchmark against the raw broker, one file per phase.
@@ -51,6 +53,7 @@ pub mod generation;
 pub mod http;
 pub mod interop;
 pub mod messages;
+pub mod metrics;
 pub mod partitions;
 pub mod progress_tracking;
 pub mod providers;

@@ -24,10 +24,6 @@ const MAX_BATCHES_PER_RULE: usize = 10;
 impl RetentionCleaner {
     /// A cleaner of `store` under `settings`.
     pub fn new(store: Store, settings: RetentionSettings) -> Self {
-        for rule in Retained::ALL {
-            metrics::counter!("video_retention_removed_rows_total", "kind" => rule.as_str())
-                .increment(0);
-        }
         Self { store, settings }
     }
 

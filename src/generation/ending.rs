@@ -5,7 +5,7 @@
 use chrono::Utc;
 use tracing::{debug, info, warn};
 
-use super::{GenerationOrchestrator, HandleError, Rejection};
+use super::{GenerationOrchestrator, HandleError, RejectReason, Rejection};
 use crate::messages::{
     self, Envelope, Message, Meta, TaskOutcome, VideoGenerationCancelRequested,
     VideoGenerationCancelled, VideoGenerationCompleted, VideoGenerationFailed,
@@ -95,7 +95,7 @@ impl GenerationOrchestrator {
             warn!(owner = %task.virtual_key_id, "cancel refused: virtual key does not own the task");
             let rejection = Rejection {
                 command: VideoGenerationCancelRequested::NAME,
-                label: "virtual_key_mismatch",
+                label: RejectReason::VirtualKeyMismatch,
                 request_id: &c.request_id,
                 virtual_key_id: &c.virtual_key_id,
                 reason: "the virtual key does not own this task",
@@ -133,7 +133,7 @@ impl GenerationOrchestrator {
         // is a forgery or a bug: park it for an operator instead of ending the task.
         let mismatch = if task.virtual_key_id != f.virtual_key_id {
             Some((
-                "virtual_key_mismatch",
+                RejectReason::VirtualKeyMismatch,
                 "the virtual key does not own this task",
             ))
         } else if f
@@ -142,7 +142,7 @@ impl GenerationOrchestrator {
             .is_some_and(|id| task.provider_task_id.as_deref() != Some(id))
         {
             Some((
-                "provider_task_mismatch",
+                RejectReason::ProviderTaskMismatch,
                 "the provider task id is not the task's",
             ))
         } else {

@@ -28,12 +28,14 @@ use crate::broker::{delivery_span, Handler, Incoming, Outcome, PublishedBy};
 use crate::config::{GenerationSettings, SecuritySettings, TrackingSettings, WebhookSettings};
 use crate::interop::masstransit::{MassTransit, Received};
 use crate::messages::{
-    DecodeError, Envelope, GenerationCommand, Meta, VideoGenerationCommandRejected,
+    DecodeError, Envelope, GenerationCommand, Message, Meta, VideoGenerationCancelRequested,
+    VideoGenerationCommandRejected, VideoGenerationRequested, VideoProviderTaskFinished,
 };
 use crate::providers::Providers;
 use crate::store::{Store, StoreError, UnitOfWork};
 use crate::topology::Topology;
 use database_gate::{DatabaseGate, GateClosed, GATE_HOLD};
+pub(crate) use submit::Submission;
 
 /// What the orchestrator is built from.
 #[derive(Debug)]
@@ -95,12 +97,6 @@ enum HandleError {
 impl GenerationOrchestrator {
     /// Builds the orchestrator.
     pub fn new(deps: GenerationDeps) -> Self {
-        for provider in deps.providers.names() {
-            for outcome in submit::Submission::ALL {
-                metrics::counter!("video_provider_submissions_total", "provider" => provider.clone(), "outcome" => outcome.as_str())
-                    .increment(0);
-            }
-        }
         Self {
             store: deps.store,
             providers: deps.providers,
@@ -160,10 +156,10 @@ impl GenerationOrchestrator {
             warn!(%refusal, "command refused: publisher not allowed");
             let rejection = Rejection {
                 command: command.name(),
-                label: "publisher_not_allowed",
+                label: RejectReason::PublisherNotAllowed,
                 request_id: command.request_id(),
                 virtual_key_id: command.virtual_key_id(),
-                reason: "publisher_not_allowed",
+                reason: RejectReason::PublisherNotAllowed.as_str(),
             };
             self.reject(rejection, &traceparent).await?;
             return Err(HandleError::Refused(refusal));
@@ -238,7 +234,7 @@ struct Rejection<'a> {
     /// The refused command's type name.
     command: &'static str,
     /// The `reason` label of `video_generation_commands_rejected_total`.
-    label: &'static str,
+    label: RejectReason,
     request_id: &'a str,
     virtual_key_id: &'a str,
     /// What the publisher reads in the event.
@@ -261,9 +257,74 @@ impl Rejection<'_> {
     }
 }
 
-fn count_rejected(command: &'static str, reason: &'static str) {
-    metrics::counter!("video_generation_commands_rejected_total", "command" => command, "reason" => reason)
+fn count_rejected(command: &'static str, reason: RejectReason) {
+    debug_assert!(
+        reason.commands().contains(&command),
+        "{command} is not among the commands refused for {reason:?}: add it to RejectReason::commands"
+    );
+    metrics::counter!("video_generation_commands_rejected_total", "command" => command, "reason" => reason.as_str())
         .increment(1);
+}
+
+/// Why a command was refused: the `reason` label of `video_generation_commands_rejected_total`
+/// (an external interface, like the outcomes of checks: [`RejectReason::as_str`] must not change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RejectReason {
+    /// `security.publishers` does not let the message's RabbitMQ user act for its virtual key.
+    PublisherNotAllowed,
+    /// The request id belongs to another tenant's task.
+    RequestIdTaken,
+    /// The request's owner cancelled it before it arrived.
+    AlreadyCancelled,
+    /// The request failed validation (`VideoGenerationFailed`, `retryable: false`).
+    Invalid,
+    /// The virtual key does not own the task (a cancel, or a forged provider outcome).
+    VirtualKeyMismatch,
+    /// A provider outcome names another provider job than the task's.
+    ProviderTaskMismatch,
+}
+
+impl RejectReason {
+    /// Every reason, for the series that exist from the first scrape.
+    pub(crate) const ALL: [Self; 6] = [
+        Self::PublisherNotAllowed,
+        Self::RequestIdTaken,
+        Self::AlreadyCancelled,
+        Self::Invalid,
+        Self::VirtualKeyMismatch,
+        Self::ProviderTaskMismatch,
+    ];
+
+    /// The metric label value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::PublisherNotAllowed => "publisher_not_allowed",
+            Self::RequestIdTaken => "request_id_taken",
+            Self::AlreadyCancelled => "already_cancelled",
+            Self::Invalid => "invalid",
+            Self::VirtualKeyMismatch => "virtual_key_mismatch",
+            Self::ProviderTaskMismatch => "provider_task_mismatch",
+        }
+    }
+
+    /// The commands (type names, the `command` label) refused for this reason.
+    pub(crate) fn commands(self) -> &'static [&'static str] {
+        match self {
+            Self::PublisherNotAllowed => &[
+                VideoGenerationRequested::NAME,
+                VideoGenerationCancelRequested::NAME,
+                VideoProviderTaskFinished::NAME,
+            ],
+            Self::RequestIdTaken | Self::AlreadyCancelled | Self::Invalid => {
+                &[VideoGenerationRequested::NAME]
+            }
+            Self::VirtualKeyMismatch => &[
+                VideoGenerationCancelRequested::NAME,
+                VideoProviderTaskFinished::NAME,
+            ],
+            Self::ProviderTaskMismatch => &[VideoProviderTaskFinished::NAME],
+        }
+    }
 }
 
 impl Handler for GenerationOrchestrator {

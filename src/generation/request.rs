@@ -3,7 +3,7 @@
 
 use tracing::{info, warn};
 
-use super::{GenerationOrchestrator, HandleError, Rejection};
+use super::{GenerationOrchestrator, HandleError, RejectReason, Rejection};
 use crate::messages::{
     self, Message, Meta, VideoGenerationFailed, VideoGenerationRequested, VideoGenerationStarted,
     VideoProgressCheckRequested,
@@ -57,7 +57,7 @@ impl GenerationOrchestrator {
                     warn!(owner = %task.virtual_key_id, "request refused: the request id is another tenant's");
                     let rejection = Rejection {
                         command: VideoGenerationRequested::NAME,
-                        label: "request_id_taken",
+                        label: RejectReason::RequestIdTaken,
                         request_id: &r.request_id,
                         virtual_key_id: &r.virtual_key_id,
                         reason: "request_id_taken",
@@ -93,7 +93,7 @@ impl GenerationOrchestrator {
                 uow.rollback().await?;
                 let rejection = Rejection {
                     command: VideoGenerationRequested::NAME,
-                    label: "already_cancelled",
+                    label: RejectReason::AlreadyCancelled,
                     request_id: &r.request_id,
                     virtual_key_id: &r.virtual_key_id,
                     reason: "the request was cancelled before it arrived",
@@ -133,7 +133,7 @@ impl GenerationOrchestrator {
         uow.record_refusal(&task.request_id, reason).await?;
         let rejection = Rejection {
             command: VideoGenerationRequested::NAME,
-            label: "invalid",
+            label: RejectReason::Invalid,
             request_id: &task.request_id,
             virtual_key_id: &task.virtual_key_id,
             reason,
@@ -163,7 +163,8 @@ impl GenerationOrchestrator {
         .await?;
         self.commit(uow).await?;
         rejection.count();
-        metrics::counter!("video_generation_terminal_total", "status" => "failed").increment(1);
+        metrics::counter!("video_generation_terminal_total", "status" => TaskStatus::Failed.as_str())
+            .increment(1);
         Ok(())
     }
 

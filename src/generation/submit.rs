@@ -27,7 +27,7 @@ pub(super) const AMBIGUOUS_ERROR: &str = "submission outcome unknown";
 
 /// `outcome` of `video_provider_submissions_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Submission {
+pub(crate) enum Submission {
     /// The provider created the job and its id is recorded.
     Accepted,
     /// A job recorded earlier: tracking resumes, nothing is submitted.
@@ -43,7 +43,7 @@ pub(super) enum Submission {
 
 impl Submission {
     /// Every outcome, for metrics that exist from the first scrape.
-    pub(super) const ALL: [Submission; 5] = [
+    pub(crate) const ALL: [Submission; 5] = [
         Self::Accepted,
         Self::Resumed,
         Self::AmbiguousFailed,
@@ -51,7 +51,7 @@ impl Submission {
         Self::AmbiguousResolved,
     ];
 
-    pub(super) fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Accepted => "accepted",
             Self::Resumed => "resumed",

@@ -10,11 +10,11 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::broker::{delivery_span, BrokerError, Handler, Incoming, Outcome, Publisher};
 use crate::config::{SerializeBy, TrackingSettings, WebhookSettings};
+use crate::crash::{crash_if, CrashPoint};
 use crate::messages::{
     self, Meta, ProgressStatus, TaskOutcome, VideoGenerationProgress, VideoProgressCheckRequested,
     VideoProviderTaskFinished,
 };
-use crate::crash::{crash_if, CrashPoint};
 use crate::providers::{ProviderError, ProviderState, ProviderStatus, ProviderTask, Providers};
 use crate::store::{CheckAdvance, Store, Task, TaskStatus};
 use crate::topology::Topology;

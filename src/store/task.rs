@@ -24,6 +24,14 @@ pub enum TaskStatus {
 }
 
 impl TaskStatus {
+    /// Every terminal status: the `status` label values of `video_generation_terminal_total`.
+    pub const TERMINAL: [TaskStatus; 4] = [
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+        Self::TimedOut,
+    ];
+
     /// Database and JSON name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -3,6 +3,7 @@ mod broker;
 mod cluster_failover;
 mod generation;
 mod masstransit;
+mod metrics_at_zero;
 mod operations;
 mod provider_kinds;
 mod proxy;
