@@ -140,14 +140,6 @@ fn expected_series(
                 ));
             }
         }
-        out.push((
-            "video_provider_errors_total",
-            labels(&[
-                ("provider", p),
-                ("operation", "status"),
-                ("kind", "throttled"),
-            ]),
-        ));
         for outcome in [
             "accepted",
             "resumed",
