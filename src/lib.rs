@@ -26,7 +26,8 @@
 //!   [`sweeper`]: re-arms lost chains.
 //! - [`relay`]: publishes the outbox; [`webhooks`]: signed callbacks and their address checks;
 //!   [`retention`]: removes what is past `[retention]`.
-//! - [`auth`]: API keys; [`http`]: health, readiness, metrics, task lookup; [`app`]: roles,
+//! - [`auth`]: API keys; [`http`]: health, readiness, metrics, task lookup; [`live`]: live task
+//!   events over server-sent events (the hub on `video.events`, the streams); [`app`]: roles,
 //!   start-up and shutdown; [`cli`]: one function per command; [`demo`]; [`bench`](mod@bench): the
 //!   benchmark against the raw broker, one file per phase.
 //!
@@ -46,6 +47,7 @@ pub mod config;
 pub mod demo;
 pub mod generation;
 pub mod http;
+pub mod live;
 pub mod messages;
 pub mod partitions;
 pub mod progress_tracking;
