@@ -3,8 +3,8 @@
 //! `Application::build` connects (failing fast with a clear error), declares the topology, runs
 //! migrations and binds the HTTP port; `Application::run(shutdown)` runs until the given future
 //! resolves (SIGTERM in the binary, anything in tests), then drains in order: consumers stop
-//! pulling and finish in-flight messages, the relay flushes the outbox, then HTTP and the broker
-//! connection close. No task outlives `run`.
+//! pulling and finish in-flight messages (live event streams end at once), the relay flushes the
+//! outbox, then HTTP and the broker connection close. No task outlives `run`.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -23,6 +23,7 @@ use crate::broker::{consume, Broker, BrokerError, BrokerOptions, ConsumerSpec, P
 use crate::config::Settings;
 use crate::generation::{GenerationDeps, GenerationOrchestrator};
 use crate::interop::masstransit::{HostInfo, MassTransit};
+use crate::live::{Live, StallGuard};
 use crate::partitions::PartitionManager;
 use crate::progress_tracking::ProgressTracker;
 use crate::providers::{ProviderConfigError, Providers};
@@ -271,12 +272,18 @@ impl Application {
         }
         consumers_running.store(true, Ordering::Relaxed);
 
+        // Live event streams end when shutdown starts: an open stream must not hold it up.
+        let live_stop = CancellationToken::new();
+        let live = Live::new(store.clone(), &settings.http, live_stop.clone());
+        infra.spawn(live.clone().run(broker.clone()));
         let http_state = crate::http::HttpState {
             broker: broker.clone(),
             store: store.clone(),
             consumers_running: consumers_running.clone(),
+            live,
         };
         let http_stop = infra_stop.clone();
+        let listener = StallGuard::new(listener, settings.http.send_timeout());
         infra.spawn(async move {
             let server = axum::serve(listener, crate::http::router(http_state))
                 .with_graceful_shutdown(async move { http_stop.cancelled().await });
@@ -299,6 +306,7 @@ impl Application {
             "shutting down: draining in-flight work"
         );
         consumers_running.store(false, Ordering::Relaxed);
+        live_stop.cancel();
         consumers_stop.cancel();
         consumers.close();
         if tokio::time::timeout(grace, consumers.wait()).await.is_err() {

@@ -9,13 +9,13 @@
 //! with passwords and keys replaced, so the output can be read or pasted back as a config file.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::providers::{ProviderConfigError, ProviderSettings, RoutingSettings};
 use crate::redact::{secret_redacted, url_redacted, urls_redacted};
+pub use http::HttpSettings;
 
 const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -239,13 +239,6 @@ pub enum QueueLimits {
     /// Left to a broker policy: for queues declared by an earlier version, whose arguments cannot
     /// change on redeclare (README, "Moving queues to delivery limits").
     Policy,
-}
-
-/// `[http]`: the one HTTP listener (health, metrics, the task API).
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct HttpSettings {
-    /// Address of `/healthz`, `/readyz`, `/metrics` and `/v1/tasks`.
-    pub listen: SocketAddr,
 }
 
 /// Log line format.
@@ -644,6 +637,7 @@ impl Settings {
         self.rabbitmq.validate()?;
         self.database.validate()?;
         self.topology.validate()?;
+        self.http.validate()?;
         self.tracking.validate()?;
         self.generation.validate()?;
         self.outbox.validate()?;
@@ -689,5 +683,6 @@ impl Settings {
 mod durations;
 mod interop;
 pub use interop::{is_dotnet_namespace, InteropSettings, MassTransitSettings};
+mod http;
 #[cfg(test)]
 mod tests;

@@ -1,10 +1,11 @@
-//! HTTP: `/healthz`, `/readyz`, `/metrics` (Prometheus text) and `GET /v1/tasks/{requestId}`
-//! (`Authorization: Bearer <API key>`; another tenant's task is indistinguishable from a missing one).
+//! HTTP: `/healthz`, `/readyz`, `/metrics` (Prometheus text), `GET /v1/tasks/{requestId}`
+//! (`Authorization: Bearer <API key>`; another tenant's task is indistinguishable from a missing
+//! one), and the live event streams of [`crate::live`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRef, Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -12,8 +13,9 @@ use axum::{Json, Router};
 
 use tracing::warn;
 
-use crate::auth::{self, AuthError};
+use crate::auth::{self, AuthError, Caller};
 use crate::broker::Broker;
+use crate::live::{self, Live};
 use crate::store::{Store, TaskView};
 
 /// The process-wide Prometheus recorder (see [`crate::metrics`], which installs and describes it).
@@ -73,6 +75,14 @@ pub struct HttpState {
     pub store: Store,
     /// Set once the configured consumers run; cleared on shutdown.
     pub consumers_running: Arc<AtomicBool>,
+    /// Live task events (`/v1/tasks/{requestId}/events`, `/v1/events`).
+    pub live: Live,
+}
+
+impl FromRef<HttpState> for Live {
+    fn from_ref(state: &HttpState) -> Self {
+        state.live.clone()
+    }
 }
 
 /// The router.
@@ -82,6 +92,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_endpoint))
         .route("/v1/tasks/{request_id}", get(task))
+        .route("/v1/tasks/{request_id}/events", get(live::task_events))
+        .route("/v1/events", get(live::all_events))
         .with_state(state)
 }
 
@@ -117,23 +129,24 @@ async fn metrics_endpoint() -> Response {
         .into_response()
 }
 
-fn error(code: StatusCode, text: &str) -> Response {
+pub(crate) fn error(code: StatusCode, text: &str) -> Response {
     (code, Json(serde_json::json!({ "error": text }))).into_response()
 }
 
-async fn task(
-    State(state): State<HttpState>,
-    Path(request_id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+/// The caller of a request with an API key, or the answer for one without a valid key (`401`
+/// naming the scheme) or when keys cannot be checked (`503`).
+pub(crate) async fn caller(store: &Store, headers: &HeaderMap) -> Result<Caller, Response> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let caller = match auth::authenticate(&state.store, authorization).await {
-        Ok(caller) => caller,
+    match auth::authenticate(store, authorization).await {
+        Ok(caller) => Ok(caller),
         Err(AuthError::Unavailable(e)) => {
             warn!(error = %e, "API key lookup failed");
-            return error(StatusCode::SERVICE_UNAVAILABLE, "database unavailable");
+            Err(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database unavailable",
+            ))
         }
         Err(e) => {
             let mut response = error(StatusCode::UNAUTHORIZED, &e.to_string());
@@ -141,8 +154,19 @@ async fn task(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
-            return response;
+            Err(response)
         }
+    }
+}
+
+async fn task(
+    State(state): State<HttpState>,
+    Path(request_id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let caller = match caller(&state.store, &headers).await {
+        Ok(caller) => caller,
+        Err(response) => return response,
     };
     match state.store.get(&request_id).await {
         Ok(Some(t)) if caller.may_read(&t.virtual_key_id) => {

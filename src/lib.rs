@@ -30,7 +30,8 @@
 //!   [`retention`]: removes what is past `[retention]`.
 //! - [`metrics`]: every metric's name, help and labels, the recorder, and the series that exist
 //!   at zero from the first scrape.
-//! - [`auth`]: API keys; [`http`]: health, readiness, metrics, task lookup; [`app`]: roles,
+//! - [`auth`]: API keys; [`http`]: health, readiness, metrics, task lookup; [`live`]: live task
+//!   events over server-sent events (the hub on `video.events`, the streams); [`app`]: roles,
 //!   start-up and shutdown; [`cli`]: one function per command; [`demo`]; [`bench`](mod@bench): the
 //!   benchmark against the raw broker, one file per phase.
 //!
@@ -52,6 +53,7 @@ pub mod demo;
 pub mod generation;
 pub mod http;
 pub mod interop;
+pub mod live;
 pub mod messages;
 pub mod metrics;
 pub mod partitions;

@@ -1,6 +1,9 @@
-//! Task rows: insert, read, lifecycle transitions, and the sweeper's queries on pending tasks.
+//! Task rows: insert, read, lifecycle transitions, the sweeper's queries on pending tasks, and
+//! what changed since a time (live event streams resume with it).
 
 use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 
 use super::{Inserted, NewTask, Store, StoreError, Task, TaskStatus, TransitionPatch, UnitOfWork};
 
@@ -334,5 +337,36 @@ impl Store {
         .execute(self.pool())
         .await?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Tasks changed at or after `since`, of one tenant (`None`: every tenant), at most `limit`
+    /// of the most recently changed, oldest change first: what a live event stream resumes
+    /// with. Each condition of the `OR` has an index of its own (pending, tracked, finished), so
+    /// no index on `updated_at` is needed, which every check writes (it would end HOT updates).
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn tasks_changed_since(
+        &self,
+        virtual_key_id: Option<&str>,
+        since: DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<Task>, StoreError> {
+        let mut rows = sqlx::query_as::<_, Task>(
+            "SELECT * FROM video_tasks
+             WHERE ($1::text IS NULL OR virtual_key_id = $1) AND updated_at >= $2
+               AND (status = 'pending'
+                    OR (status = 'processing' AND NOT tracking_stopped)
+                    OR (status NOT IN ('pending', 'processing') AND finished_at >= $2))
+             ORDER BY updated_at DESC
+             LIMIT $3",
+        )
+        .bind(virtual_key_id)
+        .bind(since)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.reverse();
+        Ok(rows)
     }
 }

@@ -9,6 +9,7 @@ mod provider_kinds;
 mod proxy;
 mod retention;
 mod security;
+mod sse;
 mod store;
 mod submit_once;
 mod topology;

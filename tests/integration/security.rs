@@ -7,6 +7,7 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use video_orchestrator::auth;
 use video_orchestrator::http::{router, HttpState};
+use video_orchestrator::live::Live;
 use video_orchestrator::store::{NewTask, TaskStatus};
 
 use test_support::process::command;
@@ -17,6 +18,7 @@ async fn serve(env: &TestEnv, stop: CancellationToken) -> std::net::SocketAddr {
         broker: env.broker().await,
         store: env.store.clone(),
         consumers_running: Arc::new(AtomicBool::new(true)),
+        live: Live::new(env.store.clone(), &env.settings.http, stop.clone()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
