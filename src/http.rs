@@ -82,6 +82,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_endpoint))
         .route("/v1/tasks/{request_id}", get(task))
+        .merge(crate::console::router(&state))
         .with_state(state)
 }
 
