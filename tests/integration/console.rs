@@ -543,6 +543,42 @@ async fn drive(browser: &Browser, app: &TestApp) {
     let path = screenshot_path();
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, png).expect("the screenshot is saved");
+
+    // On a phone's width the tables become cards and nothing scrolls sideways.
+    browser.set_window_size(390, 844).await.unwrap();
+    let fits = eventually(Duration::from_secs(5), || async {
+        let v = browser
+            .execute(
+                "return document.documentElement.scrollWidth <= window.innerWidth",
+                vec![],
+            )
+            .await
+            .ok()?;
+        (v == Value::Bool(true)).then_some(())
+    })
+    .await;
+    let phone = browser.screenshot().await.expect("a screenshot");
+    let phone_path = std::env::temp_dir().join("vo-console-phone.png");
+    let _ = std::fs::write(&phone_path, phone);
+    assert!(
+        fits.is_some(),
+        "the page is wider than a phone (see {})",
+        phone_path.display()
+    );
+    let header = browser
+        .find(Locator::Css("#view-tasks thead"))
+        .await
+        .unwrap();
+    assert!(
+        !header.is_displayed().await.unwrap(),
+        "the task table is shown as cards on a phone"
+    );
+    let live = text_of(browser, "#live-mode").await.unwrap_or_default();
+    eprintln!("[console] live updates: {live}");
+    assert!(
+        live.starts_with("Live:"),
+        "the page says how it updates: {live:?}"
+    );
 }
 
 #[tokio::test]
