@@ -124,7 +124,7 @@
   function startPolling(why) {
     state.live = "polling";
     $("live-mode").textContent = "Live: polling every 2 s (" + why + ").";
-    if (state.poll) return;
+    stopPolling();
     state.poll = setInterval(() => {
       if (state.view === "tasks") loadTasks().catch(report);
       if (state.view === "task" && state.taskId) loadTask(state.taskId).catch(report);
@@ -153,6 +153,9 @@
       return;
     }
     stopPolling();
+    // Events carry status and progress; the other columns (checks, new pending tasks) are
+    // refreshed now and then.
+    state.poll = setInterval(() => { if (state.view === "tasks") loadTasks().catch(report); }, 15000);
     state.live = "stream";
     $("live-mode").textContent = "Live: streaming from /v1/events.";
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
