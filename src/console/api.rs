@@ -350,7 +350,8 @@ pub(super) async fn requeue(
         }
         Err(_) => error(
             StatusCode::GATEWAY_TIMEOUT,
-            "the broker did not confirm the publish in time; the message stays parked",
+            "the broker did not confirm the publish in time: the message is still listed as \
+             parked, but may have been published; check before requeuing it again",
         ),
     }
 }

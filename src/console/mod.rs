@@ -38,7 +38,7 @@ const CONSOLE_JS: &str = include_str!("assets/console.js");
 const CONSOLE_CSS: &str = include_str!("assets/console.css");
 
 /// How long a requeue waits for the broker's confirm before the console reports a failure (the
-/// message then stays parked and unmarked).
+/// message then stays listed as parked, unmarked, though the broker may have taken it).
 const REQUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the console's handlers share.
