@@ -94,6 +94,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/tasks/{request_id}", get(task))
         .route("/v1/tasks/{request_id}/events", get(live::task_events))
         .route("/v1/events", get(live::all_events))
+        .merge(crate::console::router(&state))
         .with_state(state)
 }
 

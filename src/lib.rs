@@ -30,8 +30,10 @@
 //!   [`retention`]: removes what is past `[retention]`.
 //! - [`metrics`]: every metric's name, help and labels, the recorder, and the series that exist
 //!   at zero from the first scrape.
+//! - [`parking`]: requeues a parked message (the CLI and the console).
 //! - [`auth`]: API keys; [`http`]: health, readiness, metrics, task lookup; [`live`]: live task
-//!   events over server-sent events (the hub on `video.events`, the streams); [`app`]: roles,
+//!   events over server-sent events (the hub on `video.events`, the streams); [`console`]: the
+//!   operator console at `/console` and its admin API; [`app`]: roles,
 //!   start-up and shutdown; [`cli`]: one function per command; [`demo`]; [`bench`](mod@bench): the
 //!   benchmark against the raw broker, one file per phase.
 //!
@@ -48,6 +50,7 @@ pub mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod crash;
 pub mod demo;
 pub mod generation;
@@ -56,6 +59,7 @@ pub mod interop;
 pub mod live;
 pub mod messages;
 pub mod metrics;
+pub mod parking;
 pub mod partitions;
 pub mod progress_tracking;
 pub mod providers;

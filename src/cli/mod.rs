@@ -15,7 +15,6 @@ use tokio_util::sync::CancellationToken;
 use crate::app::{shutdown_signal, Application, Role, StartError};
 use crate::broker::{Broker, BrokerOptions, Publisher};
 use crate::config::{LogFormat, Settings, Targets};
-use crate::messages::Envelope;
 use crate::store::{Store, TaskView};
 use crate::topology::Topology;
 
@@ -430,25 +429,23 @@ async fn demo(
 async fn parked_requeue(id: i64) -> anyhow::Result<ExitCode> {
     let settings = load_settings()?;
     let store = connect_store(&settings).await?;
-    let Some(parked) = store.get_parked(id).await? else {
+    if store.get_parked(id).await?.is_none() {
         eprintln!("no parked message with id {id}");
         return Ok(ExitCode::from(1));
-    };
+    }
     let broker = connect_broker(&settings).await?;
     let stop = CancellationToken::new();
     let publisher = Publisher::new(broker, stop.clone());
-    let envelope = Envelope::from_recorded(
-        parked.original_exchange.clone(),
-        parked.routing_key.clone(),
-        parked.body.clone(),
-        &parked.headers,
-    );
-    publisher
-        .publish(&envelope)
-        .await
-        .context("republishing the parked message")?;
-    store.mark_requeued(id).await?;
+    let result = crate::parking::requeue(&store, &publisher, id).await;
     stop.cancel();
+    let parked = match result {
+        Ok(parked) => parked,
+        Err(crate::parking::RequeueError::NotFound(_)) => {
+            eprintln!("no parked message with id {id}");
+            return Ok(ExitCode::from(1));
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!(
         "requeued parked message {id} to `{}` / `{}`",
         if parked.original_exchange.is_empty() {

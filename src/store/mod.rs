@@ -12,6 +12,7 @@
 mod api_keys;
 mod bench;
 mod checks;
+mod console;
 mod leases;
 mod outbox;
 mod parked;
@@ -34,6 +35,7 @@ pub use api_keys::ApiKeyRecord;
 pub use bench::RecordedChecks;
 pub use checks::CheckAdvance;
 use checks::CheckBatches;
+pub use console::{InstanceLeases, LeaseMap, PendingOutbox, TaskFilter, WebhookDelivery};
 pub use leases::LeaseScope;
 pub use outbox::OutboxRow;
 pub use parked::ParkedMessage;

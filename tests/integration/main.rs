@@ -1,6 +1,7 @@
 mod bad_input;
 mod broker;
 mod cluster_failover;
+mod console;
 mod generation;
 mod masstransit;
 mod metrics_at_zero;
