@@ -30,6 +30,7 @@ use crate::relay::OutboxRelay;
 use crate::retention::RetentionCleaner;
 use crate::store::{Store, StoreError};
 use crate::sweeper::Sweeper;
+use crate::telemetry::TraceExport;
 use crate::topology::Topology;
 use crate::webhooks::WebhookDispatcher;
 
@@ -78,6 +79,9 @@ pub enum StartError {
     /// Provider configuration.
     #[error(transparent)]
     Providers(#[from] ProviderConfigError),
+    /// Span export (`telemetry.otlp_endpoint`).
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::ExportError),
     /// HTTP port.
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Listen {
@@ -99,6 +103,7 @@ pub struct Application {
     providers: Providers,
     listener: TcpListener,
     instance_id: String,
+    trace_export: Option<TraceExport>,
 }
 
 impl Application {
@@ -125,6 +130,7 @@ impl Application {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
+        let trace_export = TraceExport::from_settings(&settings.telemetry, &instance_id)?;
         Ok(Self {
             settings,
             roles: roles.iter().copied().collect(),
@@ -133,6 +139,7 @@ impl Application {
             providers,
             listener,
             instance_id,
+            trace_export,
         })
     }
 
@@ -168,7 +175,15 @@ impl Application {
             providers,
             listener,
             instance_id,
+            trace_export,
         } = self;
+        // Span export first and stopped last, so every span of the run is sent: the router
+        // queues spans for it while registered; unregistering lets the task drain, send and
+        // shut the exporter down (bounded by the grace period, then aborted).
+        let traces = trace_export.map(|export| {
+            let registration = export.register();
+            (registration, tokio::spawn(export.run()))
+        });
         let topology = broker.topology().clone();
         let grace = settings.shutdown.grace();
 
@@ -315,6 +330,14 @@ impl Application {
         infra.close();
         infra.wait().await;
         store.close().await;
+        if let Some((registration, mut task)) = traces {
+            drop(registration);
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                warn!("span export did not finish within the grace period; the rest is dropped");
+                task.abort();
+                let _ = task.await;
+            }
+        }
         info!("stopped");
     }
 }
