@@ -151,15 +151,16 @@ impl GenerationOrchestrator {
                 info!("the task no longer waits for a submit (cancelled, or its job recorded elsewhere)");
                 return Ok(());
             }
-            let submitted = provider
-                .submit(&request)
-                .instrument(tracing::info_span!(
-                    "provider submit",
-                    otel.kind = "client",
-                    provider = %name,
-                    attempt
-                ))
-                .await;
+            let span = tracing::info_span!(
+                "provider submit",
+                otel.kind = "client",
+                provider = %name,
+                attempt
+            );
+            // The provider's side of the call continues this span.
+            request.traceparent =
+                Some(span.in_scope(|| crate::broker::onward_traceparent(traceparent.as_deref())));
+            let submitted = provider.submit(&request).instrument(span).await;
             let e = match submitted {
                 Ok(job) => {
                     crash_if(self.crash_at, CrashPoint::AfterProviderAccepted);

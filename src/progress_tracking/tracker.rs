@@ -147,13 +147,17 @@ impl ProgressTracker {
         let provider_task = ProviderTask {
             id: task.provider_task_id.clone().unwrap_or_default(),
         };
+        let span = tracing::info_span!(
+            "provider status",
+            otel.kind = "client",
+            provider = %task.provider
+        );
+        // The provider's side of the call continues this span.
+        let call_trace =
+            span.in_scope(|| crate::broker::onward_traceparent(traceparent.as_deref()));
         let status = provider
-            .status(&provider_task, traceparent.as_deref())
-            .instrument(tracing::info_span!(
-                "provider status",
-                otel.kind = "client",
-                provider = %task.provider
-            ))
+            .status(&provider_task, Some(&call_trace))
+            .instrument(span)
             .await;
         let status = match status {
             Ok(s) => s,

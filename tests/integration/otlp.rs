@@ -17,10 +17,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{any_value, KeyValue};
 use prost::Message as _;
-use test_support::app::spawn_app_with;
-use test_support::eventually;
+use test_support::app::{env_with, spawn_app_with, start_sim};
+use test_support::{eventually, EventCollector, Instance};
 use tokio_util::sync::CancellationToken;
-use video_orchestrator::client::new_request;
+use video_orchestrator::app::Role;
+use video_orchestrator::client::{new_request, Client};
 
 const DONE: Duration = Duration::from_secs(30);
 const SERVICE_NAME: &str = "vo-otlp-test";
@@ -124,30 +125,20 @@ fn parent_of<'a>(spans: &'a [Exported], span: &Exported) -> Option<&'a Exported>
     spans.iter().find(|s| s.span_id == span.parent)
 }
 
-#[tokio::test]
-async fn one_trace_covers_request_submit_checks_and_terminal() {
-    let stop = CancellationToken::new();
-    let (endpoint, spans) = receiver(stop.clone()).await;
-    let app = spawn_app_with(
-        1500,
-        &[
-            ("APP__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
-            ("APP__TELEMETRY__SERVICE_NAME", SERVICE_NAME),
-        ],
-    )
-    .await;
-    let request_id = app
-        .submit(&new_request("vk-otlp", "sora-2", "a lighthouse at dusk"))
-        .await;
-    let completed = app
-        .events
-        .wait_for(|e| e.is("video.generation.completed", &request_id), DONE)
+/// The trace id and parent span id of the completed event's `traceparent`, once the request
+/// completed and its `task terminal` span was exported (while running: batches go every 500 ms).
+async fn completed_trace(
+    events: &EventCollector,
+    spans: &Spans,
+    request_id: &str,
+) -> (String, String) {
+    let completed = events
+        .wait_for(|e| e.is("video.generation.completed", request_id), DONE)
         .await
         .expect("the task completes");
     let traceparent = completed.traceparent.expect("the event carries its trace");
-    let trace_id = traceparent.split('-').nth(1).unwrap().to_owned();
-
-    // Exported while running (every 500 ms), before any shutdown flush.
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    let (trace_id, parent) = (parts[1].to_owned(), parts[2].to_owned());
     let terminal_seen = eventually(Duration::from_secs(10), || {
         let spans = spans.clone();
         let trace_id = trace_id.clone();
@@ -160,18 +151,24 @@ async fn one_trace_covers_request_submit_checks_and_terminal() {
     assert!(
         terminal_seen.is_some(),
         "no `task terminal` span in trace {trace_id} while running; got {:#?}",
-        in_trace(&spans, &trace_id)
+        in_trace(spans, &trace_id)
     );
-    // Stopping flushes the rest (the spans still open a moment ago).
-    app.stop().await;
-    let trace = in_trace(&spans, &trace_id);
+    (trace_id, parent)
+}
+
+/// One trace, request → submit → checks → terminal, with consistent parent links.
+fn assert_one_trace(spans: &Spans, request_id: &str, trace_id: &str, event_parent: &str) {
+    let trace = in_trace(spans, trace_id);
     let names: Vec<&str> = trace.iter().map(|s| s.name.as_str()).collect();
 
     let requests = named(&trace, "receive VideoGenerationRequested");
     assert_eq!(requests.len(), 1, "one request span: {names:?}");
     let request = requests[0];
     assert_eq!(request.parent, "", "the request starts the trace");
-    assert_eq!(request.attributes.get("request_id"), Some(&request_id));
+    assert_eq!(
+        request.attributes.get("request_id"),
+        Some(&request_id.to_owned())
+    );
     assert!(
         trace.iter().all(|s| s.service == SERVICE_NAME),
         "{trace:#?}"
@@ -195,7 +192,10 @@ async fn one_trace_covers_request_submit_checks_and_terminal() {
             ),
             "a check continues the request or the check before it, not {parent:?}"
         );
-        assert_eq!(check.attributes.get("request_id"), Some(&request_id));
+        assert_eq!(
+            check.attributes.get("request_id"),
+            Some(&request_id.to_owned())
+        );
     }
     assert!(
         checks.iter().any(|c| c.parent == request.span_id),
@@ -224,7 +224,6 @@ async fn one_trace_covers_request_submit_checks_and_terminal() {
         Some("completed")
     );
     // The completed event was published from the span that handled the outcome.
-    let event_parent = traceparent.split('-').nth(2).unwrap();
     assert_eq!(event_parent, finished[0].span_id);
 
     // Every parent link stays inside the trace, and the trace has one root.
@@ -237,5 +236,65 @@ async fn one_trace_covers_request_submit_checks_and_terminal() {
         );
     }
     assert_eq!(trace.iter().filter(|s| s.parent.is_empty()).count(), 1);
+}
+
+#[tokio::test]
+async fn one_trace_covers_request_submit_checks_and_terminal() {
+    let stop = CancellationToken::new();
+    let (endpoint, spans) = receiver(stop.clone()).await;
+    let app = spawn_app_with(
+        1500,
+        &[
+            ("APP__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("APP__TELEMETRY__SERVICE_NAME", SERVICE_NAME),
+        ],
+    )
+    .await;
+    let request_id = app
+        .submit(&new_request("vk-otlp", "sora-2", "a lighthouse at dusk"))
+        .await;
+    let (trace_id, event_parent) = completed_trace(&app.events, &spans, &request_id).await;
+    // Stopping flushes the rest (the spans still open a moment ago).
+    app.stop().await;
+    assert_one_trace(&spans, &request_id, &trace_id, &event_parent);
+    stop.cancel();
+}
+
+/// The request and its outcome handled by one instance, the checks by another: still one trace.
+#[tokio::test]
+async fn the_trace_goes_on_across_instances() {
+    let stop = CancellationToken::new();
+    let (endpoint, spans) = receiver(stop.clone()).await;
+    let sim = start_sim(1500).await;
+    let env = env_with(
+        &sim,
+        &[
+            ("APP__TELEMETRY__OTLP_ENDPOINT", endpoint.as_str()),
+            ("APP__TELEMETRY__SERVICE_NAME", SERVICE_NAME),
+        ],
+    )
+    .await;
+    let events = env.events().await;
+    let generation = Instance::start(
+        &env.settings,
+        &[Role::Generation, Role::Relay, Role::Sweeper],
+    )
+    .await;
+    let tracking = Instance::start(&env.settings, &[Role::Tracking]).await;
+    let client_stop = CancellationToken::new();
+    let client = Client::new(env.broker().await, client_stop.clone());
+    let request_id = client
+        .submit(&new_request("vk-otlp-2", "sora-2", "two harbours"))
+        .await
+        .expect("the broker confirms the request");
+    let (trace_id, event_parent) = completed_trace(&events, &spans, &request_id).await;
+    client_stop.cancel();
+    drop(client);
+    tracking.stop().await;
+    generation.stop().await;
+    assert_one_trace(&spans, &request_id, &trace_id, &event_parent);
+    events.close().await;
+    sim.shutdown().await;
+    env.cleanup().await;
     stop.cancel();
 }
