@@ -4,7 +4,7 @@
 //! once, see [`super::init`]); its tracer's only span processor, the router, hands every finished
 //! span to the exporters of the [`Application`](crate::app::Application)s running with
 //! `telemetry.otlp_endpoint` set. Each such application owns a [`TraceExport`]: a bounded
-//! channel the router fills and a tokio task, tracked by the application, that batches and posts
+//! channel the router fills and a tokio task, owned by the application, that batches and posts
 //! to `/v1/traces`. With no exporter registered the layer is switched off by a dynamic filter,
 //! so a service without an endpoint pays nothing for it. In the binary there is one application;
 //! in a test process every running application's spans reach every registered exporter (a test
@@ -98,8 +98,10 @@ where
 #[error("telemetry.otlp_endpoint: {0}")]
 pub struct ExportError(String);
 
-/// An application's span exporter: build it at start, [`TraceExport::run`] it in a task the
-/// application tracks, [`TraceExport::stop`] it last when shutting down.
+/// An application's span exporter: built at start; when the application runs it
+/// [`registers`](TraceExport::register) it and runs [`TraceExport::run`] in a task it owns; last
+/// when shutting down it drops the [`Registration`] and awaits that task, which sends what is
+/// queued and shuts the exporter down.
 #[derive(Debug)]
 pub struct TraceExport {
     id: u64,
