@@ -31,6 +31,7 @@ use crate::relay::OutboxRelay;
 use crate::retention::RetentionCleaner;
 use crate::store::{Store, StoreError};
 use crate::sweeper::Sweeper;
+use crate::telemetry::TraceExport;
 use crate::topology::Topology;
 use crate::webhooks::WebhookDispatcher;
 
@@ -79,6 +80,9 @@ pub enum StartError {
     /// Provider configuration.
     #[error(transparent)]
     Providers(#[from] ProviderConfigError),
+    /// Span export (`telemetry.otlp_endpoint`).
+    #[error(transparent)]
+    Telemetry(#[from] crate::telemetry::ExportError),
     /// HTTP port.
     #[error("cannot listen on {addr} (http.listen): {source}")]
     Listen {
@@ -100,6 +104,7 @@ pub struct Application {
     providers: Providers,
     listener: TcpListener,
     instance_id: String,
+    trace_export: Option<TraceExport>,
 }
 
 impl Application {
@@ -126,6 +131,7 @@ impl Application {
             std::process::id(),
             &uuid::Uuid::new_v4().simple().to_string()[..8]
         );
+        let trace_export = TraceExport::from_settings(&settings.telemetry, &instance_id)?;
         Ok(Self {
             settings,
             roles: roles.iter().copied().collect(),
@@ -134,6 +140,7 @@ impl Application {
             providers,
             listener,
             instance_id,
+            trace_export,
         })
     }
 
@@ -169,7 +176,15 @@ impl Application {
             providers,
             listener,
             instance_id,
+            trace_export,
         } = self;
+        // Span export first and stopped last, so every span of the run is sent: the router
+        // queues spans for it while registered; unregistering lets the task drain, send and
+        // shut the exporter down (bounded by the grace period, then aborted).
+        let traces = trace_export.map(|export| {
+            let registration = export.register();
+            (registration, tokio::spawn(export.run()))
+        });
         let topology = broker.topology().clone();
         let grace = settings.shutdown.grace();
 
@@ -323,6 +338,14 @@ impl Application {
         infra.close();
         infra.wait().await;
         store.close().await;
+        if let Some((registration, mut task)) = traces {
+            drop(registration);
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                warn!("span export did not finish within the grace period; the rest is dropped");
+                task.abort();
+                let _ = task.await;
+            }
+        }
         info!("stopped");
     }
 }

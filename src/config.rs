@@ -98,6 +98,9 @@ pub struct Settings {
     /// Other frameworks' wire formats (`[interop]`).
     #[serde(default)]
     pub interop: InteropSettings,
+    /// Span export (`[telemetry]`).
+    #[serde(default)]
+    pub telemetry: TelemetrySettings,
     /// Video providers by name.
     #[serde(default, serialize_with = "providers_redacted")]
     pub providers: HashMap<String, ProviderSettings>,
@@ -644,6 +647,7 @@ impl Settings {
         self.retention.validate()?;
         self.security.validate(&self.rabbitmq)?;
         self.interop.validate(&self.topology)?;
+        self.telemetry.validate()?;
         self.validate_providers()?;
         self.webhooks.validate(&self.environment)
     }
@@ -682,7 +686,9 @@ impl Settings {
 
 mod durations;
 mod interop;
+mod telemetry;
 pub use interop::{is_dotnet_namespace, InteropSettings, MassTransitSettings};
 mod http;
+pub use telemetry::TelemetrySettings;
 #[cfg(test)]
 mod tests;

@@ -1,15 +1,23 @@
-//! Logging setup: JSON lines by default, `APP__LOG__FORMAT=pretty` for humans, `RUST_LOG` filters.
+//! Logging setup: JSON lines by default, `APP__LOG__FORMAT=pretty` for humans, `RUST_LOG` filters;
+//! and span export over OTLP when `telemetry.otlp_endpoint` is set (`otlp.rs`).
 
 use tracing_subscriber::{fmt, prelude::*, EnvFilter};
 
 use crate::config::LogFormat;
 
+mod otlp;
+
+pub use otlp::{ExportError, Registration, TraceExport};
+
 /// Installs the global subscriber. Calling it twice is harmless (the second call is ignored),
-/// which lets tests and the demo share one process.
+/// which lets tests and the demo share one process. The OpenTelemetry layer is always part of
+/// it and idle until an application registers a [`TraceExport`].
 pub fn init(format: LogFormat, default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(otlp::layer());
     let result = match format {
         LogFormat::Json => registry
             .with(
@@ -29,10 +37,16 @@ pub fn init(format: LogFormat, default_filter: &str) {
     let _ = result;
 }
 
-/// For tests: logs only when `TEST_LOG` is set, so test output stays readable.
+/// For tests: logs only when `TEST_LOG` is set, so test output stays readable; the
+/// OpenTelemetry layer is installed either way, so a test can export spans.
 pub fn init_for_tests() {
     if std::env::var_os("TEST_LOG").is_some() {
         init(LogFormat::Pretty, "info,video_orchestrator=debug");
+    } else {
+        let _ = tracing_subscriber::registry()
+            .with(EnvFilter::new("info,lapin=off"))
+            .with(otlp::layer())
+            .try_init();
     }
 }
 

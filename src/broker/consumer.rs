@@ -489,10 +489,13 @@ impl Publisher {
     }
 }
 
-/// Runs `fut` with a span carrying the delivery's identifiers.
+/// A span carrying the delivery's identifiers; its exported name (`otel.name`) is the handler's
+/// to record before entering it, the handler's also to [`continue_trace`](super::continue_trace).
 pub fn delivery_span(incoming: &Incoming) -> tracing::Span {
     tracing::info_span!(
         "message",
+        otel.name = tracing::field::Empty,
+        otel.kind = "consumer",
         queue = %incoming.queue,
         message_id = incoming.message_id.as_deref().unwrap_or(""),
         message_type = incoming.message_type.as_deref().unwrap_or(""),

@@ -30,7 +30,7 @@ use crate::topology::{Topology, TopologyError, VIRTUAL_KEY_HEADER};
 pub use consumer::{
     consume, delivery_span, ConsumerSpec, Handler, Incoming, Outcome, PublishedBy, RetryScheduled,
 };
-pub use trace::child_traceparent;
+pub use trace::{child_traceparent, continue_trace, onward_traceparent, remote_span};
 
 /// Header naming why a message was parked.
 pub const PARKED_REASON_HEADER: &str = "x-parked-reason";

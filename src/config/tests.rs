@@ -281,3 +281,28 @@ fn an_unset_secret_prints_empty_so_it_shows_as_missing() {
     let text = s.redacted().expect("renders");
     assert!(text.contains("secret = \"\"\n"), "{text}");
 }
+
+#[test]
+fn span_export_is_off_by_default_and_posts_to_v1_traces() {
+    let s = Settings::load_from(&env(&[])).expect("defaults load");
+    assert_eq!(s.telemetry.traces_url(), None);
+    assert_eq!(s.telemetry.service_name, "video-orchestrator");
+    for base in ["http://127.0.0.1:4318", "http://127.0.0.1:4318/"] {
+        let s = Settings::load_from(&env(&[("APP__TELEMETRY__OTLP_ENDPOINT", base)]))
+            .expect("an endpoint loads");
+        assert_eq!(
+            s.telemetry.traces_url().as_deref(),
+            Some("http://127.0.0.1:4318/v1/traces")
+        );
+    }
+}
+
+#[test]
+fn a_bad_otlp_endpoint_fails_naming_the_key() {
+    for bad in ["not a url", "ftp://collector:4318", "127.0.0.1:4318"] {
+        let err = Settings::load_from(&env(&[("APP__TELEMETRY__OTLP_ENDPOINT", bad)]))
+            .expect_err(bad)
+            .to_string();
+        assert!(err.contains("telemetry.otlp_endpoint"), "{bad}: {err}");
+    }
+}

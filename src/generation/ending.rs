@@ -3,7 +3,7 @@
 //! `VideoProgressTrackingCancelled` → webhook → commit → wake the relay.
 
 use chrono::Utc;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::{GenerationOrchestrator, HandleError, RejectReason, Rejection};
 use crate::messages::{
@@ -309,6 +309,18 @@ impl GenerationOrchestrator {
     /// The one sequence every ending goes through, in one unit of work. Returns the ended row,
     /// or `None` when the task was not in `from` (someone else ended or moved it first).
     async fn end_task(
+        &self,
+        ending: Ending<'_>,
+        terminal: impl FnOnce(&Task) -> Envelope,
+        traceparent: &Option<String>,
+    ) -> Result<Option<Task>, HandleError> {
+        let span = tracing::info_span!("task terminal", status = ending.to.as_str());
+        self.end_task_in_span(ending, terminal, traceparent)
+            .instrument(span)
+            .await
+    }
+
+    async fn end_task_in_span(
         &self,
         ending: Ending<'_>,
         terminal: impl FnOnce(&Task) -> Envelope,

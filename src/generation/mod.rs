@@ -330,28 +330,39 @@ impl RejectReason {
 impl Handler for GenerationOrchestrator {
     async fn handle(&self, incoming: Incoming) -> Outcome {
         let span = delivery_span(&incoming);
-        async {
-            if incoming.body.len() > self.settings.max_message_bytes {
-                metrics::counter!("video_poison_messages_total", "queue" => "generation")
-                    .increment(1);
-                return Outcome::Park(format!(
-                    "body is {} bytes; the limit is {} (generation.max_message_bytes)",
-                    incoming.body.len(),
-                    self.settings.max_message_bytes
-                ));
+        // Decoded before the span is entered: the trace it continues may come from the body
+        // (a MassTransit conversation), and a span's parent is fixed once it is entered.
+        let decoded = if incoming.body.len() > self.settings.max_message_bytes {
+            Err(format!(
+                "body is {} bytes; the limit is {} (generation.max_message_bytes)",
+                incoming.body.len(),
+                self.settings.max_message_bytes
+            ))
+        } else {
+            self.decode(&incoming).map_err(|e| e.to_string())
+        };
+        match &decoded {
+            Ok((command, parent_trace)) => {
+                span.record("otel.name", format!("receive {}", command.name()));
+                span.record("request_id", command.request_id());
+                span.record("virtual_key", command.virtual_key_id());
+                span.record("message_type", command.name());
+                crate::broker::continue_trace(&span, parent_trace.as_deref());
             }
-            let (command, parent_trace) = match self.decode(&incoming) {
+            Err(_) => {
+                span.record("otel.name", "receive unreadable message");
+                crate::broker::continue_trace(&span, incoming.traceparent.as_deref());
+            }
+        }
+        async {
+            let (command, parent_trace) = match decoded {
                 Ok(decoded) => decoded,
-                Err(e) => {
+                Err(reason) => {
                     metrics::counter!("video_poison_messages_total", "queue" => "generation")
                         .increment(1);
-                    return Outcome::Park(e.to_string());
+                    return Outcome::Park(reason);
                 }
             };
-            let span = tracing::Span::current();
-            span.record("request_id", command.request_id());
-            span.record("virtual_key", command.virtual_key_id());
-            span.record("message_type", command.name());
             match self.gate.pass(&self.store, &self.stop, GATE_HOLD).await {
                 Ok(()) => {}
                 Err(GateClosed::Stopping) => return Outcome::Return,
@@ -359,7 +370,7 @@ impl Handler for GenerationOrchestrator {
                     return Outcome::Retry("database unavailable".to_owned())
                 }
             }
-            let traceparent = crate::broker::child_traceparent(parent_trace.as_deref());
+            let traceparent = crate::broker::onward_traceparent(parent_trace.as_deref());
             // A retry is our own message coming back: resume it like a redelivery.
             let redelivered = incoming.redelivered || incoming.retry_attempt > 0;
             let published_by = self

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use super::ending::Ending;
 use super::{GenerationOrchestrator, HandleError};
@@ -151,7 +151,17 @@ impl GenerationOrchestrator {
                 info!("the task no longer waits for a submit (cancelled, or its job recorded elsewhere)");
                 return Ok(());
             }
-            let e = match provider.submit(&request).await {
+            let span = tracing::info_span!(
+                "provider submit",
+                otel.kind = "client",
+                provider = %name,
+                attempt
+            );
+            // The provider's side of the call continues this span.
+            request.traceparent =
+                Some(span.in_scope(|| crate::broker::onward_traceparent(traceparent.as_deref())));
+            let submitted = provider.submit(&request).instrument(span).await;
+            let e = match submitted {
                 Ok(job) => {
                     crash_if(self.crash_at, CrashPoint::AfterProviderAccepted);
                     if !self.record_job(&r.request_id, &attempt_id, &job.id).await? {

@@ -147,8 +147,17 @@ impl ProgressTracker {
         let provider_task = ProviderTask {
             id: task.provider_task_id.clone().unwrap_or_default(),
         };
+        let span = tracing::info_span!(
+            "provider status",
+            otel.kind = "client",
+            provider = %task.provider
+        );
+        // The provider's side of the call continues this span.
+        let call_trace =
+            span.in_scope(|| crate::broker::onward_traceparent(traceparent.as_deref()));
         let status = provider
-            .status(&provider_task, traceparent.as_deref())
+            .status(&provider_task, Some(&call_trace))
+            .instrument(span)
             .await;
         let status = match status {
             Ok(s) => s,
@@ -433,6 +442,8 @@ impl ProgressTracker {
 impl Handler for ProgressTracker {
     async fn handle(&self, incoming: Incoming) -> Outcome {
         let span = delivery_span(&incoming);
+        span.record("otel.name", "progress check");
+        crate::broker::continue_trace(&span, incoming.traceparent.as_deref());
         async {
             let check: VideoProgressCheckRequested = match messages::decode(&incoming.body) {
                 Ok(c) => c,
@@ -446,7 +457,7 @@ impl Handler for ProgressTracker {
             span.record("request_id", check.request_id.as_str());
             span.record("virtual_key", check.virtual_key_id.as_str());
             crash_if(self.crash_at, CrashPoint::Received);
-            let traceparent = crate::broker::child_traceparent(incoming.traceparent.as_deref());
+            let traceparent = crate::broker::onward_traceparent(incoming.traceparent.as_deref());
             self.check(&check, Some(traceparent)).await.record();
             Outcome::Ack
         }

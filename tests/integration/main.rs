@@ -6,6 +6,7 @@ mod generation;
 mod masstransit;
 mod metrics_at_zero;
 mod operations;
+mod otlp;
 mod provider_kinds;
 mod proxy;
 mod retention;
