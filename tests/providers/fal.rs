@@ -697,52 +697,6 @@ async fn sim_wrong_key_is_permanent() {
 }
 
 #[tokio::test]
-async fn sim_rate_limits_and_server_errors_are_transient() {
-    let sim = start_sim(300).await;
-    let provider = sim_provider(&sim);
-    let task = provider
-        .submit(&fal_request("ok", KLING))
-        .await
-        .expect("submit");
-
-    sim.set_faults(SimFaults {
-        rate_limit_rate: 1.0,
-        ..SimFaults::default()
-    });
-    let submit = provider
-        .submit(&fal_request("limited", KLING))
-        .await
-        .expect_err("429");
-    let status = provider.status(&task, None).await.expect_err("429");
-    let cancel = provider.cancel(&task).await.expect_err("429");
-    for error in [submit, status, cancel] {
-        assert!(error.is_transient(), "{error}");
-        assert_eq!(error.retry_after(), Some(Duration::from_secs(1)), "{error}");
-        assert!(error.to_string().contains("429"), "{error}");
-    }
-
-    sim.set_faults(SimFaults {
-        error_rate: 1.0,
-        ..SimFaults::default()
-    });
-    for error in [
-        provider
-            .submit(&fal_request("x", KLING))
-            .await
-            .expect_err("500"),
-        provider.status(&task, None).await.expect_err("500"),
-    ] {
-        assert!(error.is_transient(), "{error}");
-        assert_eq!(error.retry_after(), None);
-        assert!(
-            error.to_string().contains("simulated server error"),
-            "{error}"
-        );
-    }
-    sim.shutdown().await;
-}
-
-#[tokio::test]
 async fn sim_rejection_is_permanent_with_the_message() {
     let sim = start_sim(300).await;
     let error = sim_provider(&sim)
@@ -757,34 +711,4 @@ async fn sim_rejection_is_permanent_with_the_message() {
     );
     assert_eq!(sim.stats().jobs, 0);
     sim.shutdown().await;
-}
-
-#[tokio::test]
-async fn sim_lost_answer_is_unanswered_with_one_job() {
-    let sim = start_sim(300).await;
-    let provider = build(&ProviderSettings {
-        timeout_ms: 300,
-        ..sim.provider_settings(ProviderKind::Fal)
-    });
-    let started = Instant::now();
-    let error = provider
-        .submit(&fal_request("vanishing answer [lost]", KLING))
-        .await
-        .expect_err("timeout");
-    assert!(error.is_transient(), "{error}");
-    assert!(error.unanswered(), "{error}");
-    assert!(started.elapsed() < Duration::from_secs(2));
-    let stats = sim.stats();
-    assert_eq!((stats.submits, stats.jobs), (1, 1));
-    // No client-set id: the lost submit cannot be found again.
-    assert_eq!(
-        provider
-            .find_submitted(&fal_request("vanishing answer [lost]", KLING), Utc::now())
-            .await
-            .expect("lookup"),
-        video_orchestrator::providers::SubmitLookup::Unknowable
-    );
-    tokio::time::timeout(Duration::from_secs(5), sim.shutdown())
-        .await
-        .expect("shutdown cuts the lost answer short");
 }

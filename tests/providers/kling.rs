@@ -536,40 +536,6 @@ async fn a_wrong_secret_key_is_permanent_with_klings_code() {
 }
 
 #[tokio::test]
-async fn rate_limits_and_server_errors_are_transient() {
-    let sim = start_sim(300).await;
-    let provider = build(&sim_settings(&sim));
-    let created = provider.submit(&request("fine")).await.expect("submit");
-
-    sim.set_faults(SimFaults {
-        rate_limit_rate: 1.0,
-        ..SimFaults::default()
-    });
-    let mut limited_request = request("limited");
-    limited_request.attempt_id = "6f1c2d3e-0000-4000-8000-000000000003".to_owned();
-    let submit = provider.submit(&limited_request).await.expect_err("429");
-    let status = provider.status(&created, None).await.expect_err("429");
-    for error in [submit, status] {
-        assert!(error.is_transient(), "{error}");
-        assert_eq!(error.retry_after(), Some(Duration::from_secs(1)));
-        assert!(error.to_string().contains("429"), "{error}");
-    }
-
-    sim.set_faults(SimFaults {
-        error_rate: 1.0,
-        ..SimFaults::default()
-    });
-    let error = provider.status(&created, None).await.expect_err("500");
-    assert!(error.is_transient(), "{error}");
-    assert_eq!(error.retry_after(), None);
-    assert!(
-        error.to_string().contains("simulated server error"),
-        "{error}"
-    );
-    sim.shutdown().await;
-}
-
-#[tokio::test]
 async fn a_lost_answer_is_resolved_through_the_external_task_id() {
     let sim = start_sim(300).await;
     let provider = build(&ProviderSettings {

@@ -1062,3 +1062,78 @@ fn provider_errors_expose_kind_and_delay() {
     assert!(ProviderState::Cancelled.is_terminal());
     assert!(!ProviderState::InProgress.is_terminal());
 }
+
+/// What every kind's adapter must do against the simulator speaking its protocol, written once:
+/// 429 (with `Retry-After: 1`) and 500 are transient on submit and status, with the provider's
+/// message; a submit whose answer is lost (the simulator created the job, then hung) is
+/// transient and `unanswered`, and made exactly one job.
+#[tokio::test]
+async fn every_kind_classifies_rate_limits_server_errors_and_lost_answers() {
+    for kind in ProviderKind::ALL {
+        let sim = start_sim(300).await;
+        // A fresh attempt id per request: Kling refuses a client-set id it has seen.
+        let request = |prompt: &str| SubmitRequest {
+            model: video_orchestrator::providers::sim::model_for(kind).to_owned(),
+            attempt_id: uuid::Uuid::new_v4().to_string(),
+            ..request(prompt)
+        };
+        let provider = build(&ProviderSettings {
+            timeout_ms: 500,
+            ..sim.provider_settings(kind)
+        });
+        let task = provider
+            .submit(&request("a quiet lake"))
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: submit: {e}"));
+
+        sim.set_faults(SimFaults {
+            rate_limit_rate: 1.0,
+            ..SimFaults::default()
+        });
+        let submit = provider
+            .submit(&request("a limited lake"))
+            .await
+            .expect_err("429");
+        let status = provider.status(&task, None).await.expect_err("429");
+        for error in [submit, status] {
+            assert!(error.is_transient(), "{kind}: {error}");
+            assert_eq!(
+                error.retry_after(),
+                Some(Duration::from_secs(1)),
+                "{kind}: {error}"
+            );
+            assert!(error.to_string().contains("429"), "{kind}: {error}");
+        }
+
+        sim.set_faults(SimFaults {
+            error_rate: 1.0,
+            ..SimFaults::default()
+        });
+        let submit = provider
+            .submit(&request("a broken lake"))
+            .await
+            .expect_err("500");
+        let status = provider.status(&task, None).await.expect_err("500");
+        for error in [submit, status] {
+            assert!(error.is_transient(), "{kind}: {error}");
+            assert_eq!(error.retry_after(), None, "{kind}: {error}");
+            assert!(
+                error.to_string().contains("simulated server error"),
+                "{kind}: the provider's message is read: {error}"
+            );
+        }
+
+        sim.set_faults(SimFaults::default());
+        let before = sim.stats();
+        let error = provider
+            .submit(&request("into the void [lost]"))
+            .await
+            .expect_err("timeout");
+        assert!(error.is_transient(), "{kind}: {error}");
+        assert!(error.unanswered(), "{kind}: {error}");
+        let after = sim.stats();
+        assert_eq!(after.submits, before.submits + 1, "{kind}: one POST");
+        assert_eq!(after.jobs, before.jobs + 1, "{kind}: exactly one job");
+        sim.shutdown().await;
+    }
+}

@@ -839,59 +839,6 @@ async fn sim_refuses_a_wrong_token_and_accepts_its_own() {
 }
 
 #[tokio::test]
-async fn sim_rate_limits_and_server_errors_are_transient() {
-    let sim = start_sim(300).await;
-    let provider = build(&sim_settings(&sim));
-    let task = provider.submit(&veo_request("ok")).await.expect("submit");
-
-    sim.set_faults(SimFaults {
-        rate_limit_rate: 1.0,
-        ..SimFaults::default()
-    });
-    let submit = provider
-        .submit(&veo_request("limited"))
-        .await
-        .expect_err("429");
-    let status = provider.status(&task, None).await.expect_err("429");
-    for error in [submit, status] {
-        assert!(error.is_transient(), "{error}");
-        assert_eq!(error.retry_after(), Some(Duration::from_secs(1)));
-        assert!(error.to_string().contains("429"), "{error}");
-    }
-
-    sim.set_faults(SimFaults {
-        error_rate: 1.0,
-        ..SimFaults::default()
-    });
-    let error = provider.submit(&veo_request("x")).await.expect_err("500");
-    assert!(error.is_transient(), "{error}");
-    assert_eq!(error.retry_after(), None);
-    assert!(
-        error.to_string().contains("simulated server error"),
-        "{error}"
-    );
-    sim.shutdown().await;
-}
-
-#[tokio::test]
-async fn sim_lost_answer_is_transient_unanswered_with_one_job() {
-    let sim = start_sim(300).await;
-    let provider = build(&ProviderSettings {
-        timeout_ms: 300,
-        ..sim_settings(&sim)
-    });
-    let error = provider
-        .submit(&veo_request("into the void [lost]"))
-        .await
-        .expect_err("timeout");
-    assert!(error.is_transient(), "{error}");
-    assert!(error.unanswered(), "{error}");
-    let stats = sim.stats();
-    assert_eq!((stats.submits, stats.jobs), (1, 1));
-    sim.shutdown().await;
-}
-
-#[tokio::test]
 async fn sim_answers_inline_bytes_without_a_storage_uri_and_the_adapter_refuses_them() {
     let sim = start_sim(300).await;
     let http = reqwest::Client::new();
