@@ -40,6 +40,35 @@ struct Running {
     handle: JoinHandle<()>,
 }
 
+/// The leases an instance keeps out of those it renewed, and the extras over its share.
+#[derive(Debug, PartialEq, Eq)]
+struct Share {
+    held: Vec<u16>,
+    extra: Vec<u16>,
+}
+
+/// Splits `renewed` into `target` to keep and the rest to give back: the ones not running first
+/// (no hand-over needed), then the highest.
+fn share(mut renewed: Vec<u16>, running: impl Fn(u16) -> bool, target: usize) -> Share {
+    renewed.sort_unstable();
+    let mut extra = Vec::new();
+    while renewed.len() > target {
+        let pick = renewed
+            .iter()
+            .rev()
+            .copied()
+            .find(|p| !running(*p))
+            .unwrap_or(renewed[renewed.len() - 1]);
+        renewed.retain(|p| *p != pick);
+        extra.push(pick);
+    }
+    extra.sort_unstable();
+    Share {
+        held: renewed,
+        extra,
+    }
+}
+
 impl PartitionManager {
     /// A manager for `instance_id` (unique per process).
     pub fn new(
@@ -87,17 +116,15 @@ impl PartitionManager {
             .unwrap_or(0);
         let target = n / count + usize::from(index < n % count);
 
-        let mut held = self.store.renew_leases(&self.scope, ttl).await?;
-        held.sort_unstable();
-        // Give back the extras: the ones not running first, then the highest.
-        while held.len() > target {
-            let pick = held
-                .iter()
-                .rev()
-                .copied()
-                .find(|p| !running.contains_key(p))
-                .unwrap_or(held[held.len() - 1]);
-            held.retain(|p| *p != pick);
+        let renewed = self.store.renew_leases(&self.scope, ttl).await?;
+        let Share { mut held, extra } = share(renewed, |p| running.contains_key(&p), target);
+        // An extra that runs here is stopped, then released, by the caller. One that does not
+        // run (our consumers stopped while the database was away, and the cluster grew
+        // meanwhile) is given back now: renewed at every beat and never consumed, it would keep
+        // its partition from everyone.
+        for p in extra.iter().copied().filter(|p| !running.contains_key(p)) {
+            self.release(p).await;
+            info!(partition = p, "lease given back");
         }
         if held.len() < target {
             let taken = self
@@ -212,5 +239,36 @@ impl PartitionManager {
             debug!(error = %e, "instance row not removed; it expires by itself");
         }
         info!("partition manager stopped; leases released");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn within_its_share_an_instance_keeps_everything_it_renewed() {
+        let s = share(vec![3, 1, 2], |_| true, 4);
+        assert_eq!(s.held, vec![1, 2, 3]);
+        assert!(s.extra.is_empty());
+    }
+
+    #[test]
+    fn extras_not_running_go_first_then_the_highest_running() {
+        let running = |p: u16| p < 4 || p == 9;
+        let s = share((0..10).collect(), running, 6);
+        assert_eq!(s.held, vec![0, 1, 2, 3, 4, 9], "running ones kept");
+        assert_eq!(s.extra, vec![5, 6, 7, 8]);
+        let s = share((0..10).collect(), |_| true, 6);
+        assert_eq!(s.extra, vec![6, 7, 8, 9], "all running: the highest go");
+    }
+
+    #[test]
+    fn after_an_outage_the_leases_over_the_share_are_extras_to_give_back() {
+        // All 16 renewed, none running (consumers stopped while the database was away), and a
+        // second instance is live: 8 kept, 8 given back, none of them kept by renewal alone.
+        let s = share((0..16).collect(), |_| false, 8);
+        assert_eq!(s.held, (0..8).collect::<Vec<_>>());
+        assert_eq!(s.extra, (8..16).collect::<Vec<_>>());
     }
 }

@@ -95,6 +95,11 @@ impl Instance {
         let app = Application::build(settings.clone(), roles)
             .await
             .expect("service starts");
+        Self::run(app)
+    }
+
+    /// Runs an instance built beforehand (a test may prepare the database for its id first).
+    pub fn run(app: Application) -> Instance {
         let http = app.http_addr();
         let instance_id = app.instance_id().to_owned();
         let (tx, rx) = oneshot::channel::<()>();

@@ -240,6 +240,77 @@ async fn owned_by(env: &TestEnv, instance: &str) -> i64 {
     .unwrap()
 }
 
+/// As after a database outage longer than the lease TTL: the instance's consumers stopped while
+/// its rows still name it the owner of every partition, and a second instance is live when the
+/// database answers again. Renewing all 16 and running 8 would keep the other 8 from everyone
+/// (a CI run lost 14 of 30 tasks that way); the extras must be given back.
+#[tokio::test]
+async fn leases_an_instance_holds_over_its_share_but_does_not_run_are_given_back() {
+    let sim = start_sim(1000).await;
+    let env = env_with(&sim, &[]).await;
+    let app = video_orchestrator::app::Application::build(env.settings.clone(), &[Role::Tracking])
+        .await
+        .expect("service builds");
+    let a = app.instance_id().to_owned();
+    sqlx::query(
+        "INSERT INTO partition_leases (topology_prefix, partition, owner, expires_at)
+         SELECT $1, g, $2, now() - interval '1 minute' FROM generate_series(0, 15) g",
+    )
+    .bind(&env.prefix)
+    .bind(&a)
+    .execute(env.store.pool())
+    .await
+    .expect("leases of an instance whose consumers stopped");
+    // A live peer that takes nothing: whatever A gives back stays free for the assertion.
+    let peer = CancellationToken::new();
+    let beats = {
+        let (pool, prefix, peer) = (env.store.pool().clone(), env.prefix.clone(), peer.clone());
+        tokio::spawn(async move {
+            while !peer.is_cancelled() {
+                sqlx::query(
+                    "INSERT INTO service_instances (topology_prefix, instance_id, heartbeat_at)
+                     VALUES ($1, 'peer-b', now())
+                     ON CONFLICT (topology_prefix, instance_id) DO UPDATE SET heartbeat_at = now()",
+                )
+                .bind(&prefix)
+                .execute(&pool)
+                .await
+                .expect("peer heartbeat");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let instance = Instance::run(app);
+    let free = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM partition_leases
+             WHERE topology_prefix = $1 AND (owner IS NULL OR expires_at < now())",
+        )
+        .bind(&env.prefix)
+        .fetch_one(env.store.pool())
+        .await
+        .unwrap()
+    };
+    let split = eventually(Duration::from_secs(10), || async {
+        let (held, free) = (owned_by(&env, &a).await, free().await);
+        (held == 8 && free == 8).then_some(())
+    })
+    .await;
+    // Several heartbeats later (500 ms apart) it still holds its share and no more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (held, left) = (owned_by(&env, &a).await, free().await);
+    peer.cancel();
+    beats.await.expect("peer heartbeats");
+    instance.stop().await;
+    assert!(
+        split.is_some(),
+        "the instance kept {held} leases and left {left} free; its share is 8"
+    );
+    assert_eq!((held, left), (8, 8), "8 held, 8 free for the peer");
+    env.cleanup().await;
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn two_instances_share_the_partitions_and_one_takes_all_when_the_other_stops() {
     let sim = start_sim(3000).await;
