@@ -32,6 +32,58 @@ impl Cluster {
         .ok()
     }
 
+    /// Each partition that holds checks without a consumer, with its lease: what a stuck drain
+    /// needs to say first (a partition leased but not consumed, or not leased at all).
+    async fn partition_report(&self) -> String {
+        let conn = self.connect().await;
+        let Ok(channel) = conn.create_channel().await else {
+            return "partitions: no channel to inspect them".to_owned();
+        };
+        let leases: Vec<(i32, Option<String>, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT partition, owner, expires_at FROM partition_leases
+             WHERE topology_prefix = $1 ORDER BY partition",
+        )
+        .bind(&self.env.prefix)
+        .fetch_all(self.env.store.pool())
+        .await
+        .unwrap_or_default();
+        let mut idle = Vec::new();
+        for p in 0..self.env.topology().partitions() {
+            let queue = self.env.topology().partition_queue(p);
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    lapin::types::FieldTable::default(),
+                )
+                .await;
+            let Ok(q) = declared else { continue };
+            if q.message_count() > 0 && q.consumer_count() == 0 {
+                let lease = leases
+                    .iter()
+                    .find(|(n, _, _)| *n == i32::from(p))
+                    .map(|(_, owner, until)| format!("{owner:?} until {until}"))
+                    .unwrap_or_else(|| "no lease row".to_owned());
+                idle.push(format!(
+                    "p{p}: {} checks, leased to {lease}",
+                    q.message_count()
+                ));
+            }
+        }
+        let _ = channel.close(200, "inspected".into()).await;
+        if idle.is_empty() {
+            "every partition holding checks has a consumer".to_owned()
+        } else {
+            format!(
+                "partitions holding checks with no consumer: {}",
+                idle.join("; ")
+            )
+        }
+    }
+
     /// Waits until every task in `ids` is terminal and the outbox is empty, then until the
     /// longest tier has elapsed after the last terminal transition (plus a margin), so any
     /// zombie check would be sitting in a queue.
@@ -52,6 +104,7 @@ impl Cluster {
                     self.name,
                     &format!("only {done}/{} tasks terminal after {timeout:?}", ids.len()),
                 );
+                note(self.name, &self.partition_report().await);
                 break;
             }
             if last_note.elapsed() > Duration::from_secs(10) {
