@@ -11,19 +11,29 @@ use super::{
     vertex_veo, ProviderConfigError, ProviderSettings, RoutingSettings, VideoProvider,
 };
 
-/// Declares [`ProviderKind`] and how each kind is built, from one list, so that the two cannot
-/// drift apart. Every adapter has `new(name, &ProviderSettings) -> Result<Self,
-/// ProviderConfigError>`.
+/// Declares [`ProviderKind`], its spellings, [`ProviderKind::ALL`] and how each kind is built,
+/// from one list, so that none of them can drift apart. Every adapter has `new(name,
+/// &ProviderSettings) -> Result<Self, ProviderConfigError>`.
 macro_rules! adapters {
-    ($($(#[$doc:meta])* $kind:ident => $adapter:ty,)+) => {
+    ($($(#[$doc:meta])* $kind:ident = $name:literal => $adapter:ty,)+) => {
         /// The protocol a provider speaks: `providers.<name>.kind`, in snake case.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-        #[serde(rename_all = "snake_case")]
         pub enum ProviderKind {
-            $($(#[$doc])* $kind,)+
+            $($(#[$doc])* #[serde(rename = $name)] $kind,)+
         }
 
         impl ProviderKind {
+            /// Every kind, in the order of the list below.
+            pub const ALL: [ProviderKind; [$($name),+].len()] = [$(Self::$kind),+];
+
+            /// The configuration spelling, e.g. `vertex_veo`.
+            #[must_use]
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$kind => $name,)+
+                }
+            }
+
             /// Builds the adapter of this kind for provider `name`.
             ///
             /// # Errors
@@ -45,63 +55,30 @@ macro_rules! adapters {
 // Adding a provider: its adapter file, its simulated protocol under `sim/`, and one line here.
 adapters! {
     /// The OpenAI-compatible Videos API.
-    OpenaiVideos => openai_videos::OpenAiVideosProvider,
+    OpenaiVideos = "openai_videos" => openai_videos::OpenAiVideosProvider,
     /// Replicate's predictions API.
-    Replicate => replicate::ReplicateProvider,
+    Replicate = "replicate" => replicate::ReplicateProvider,
     /// fal.ai's queue API, in front of many models.
-    Fal => fal::FalProvider,
+    Fal = "fal" => fal::FalProvider,
     /// Google Veo on Vertex AI (`predictLongRunning` / `fetchPredictOperation`).
-    VertexVeo => vertex_veo::VertexVeoProvider,
+    VertexVeo = "vertex_veo" => vertex_veo::VertexVeoProvider,
     /// Veo on the Gemini API (`x-goog-api-key`, long-running operations).
-    Gemini => gemini::GeminiProvider,
+    Gemini = "gemini" => gemini::GeminiProvider,
     /// Runway's tasks API.
-    Runway => runway::RunwayProvider,
+    Runway = "runway" => runway::RunwayProvider,
     /// Kling's video tasks API (JWT bearer).
-    Kling => kling::KlingProvider,
+    Kling = "kling" => kling::KlingProvider,
     /// ByteDance Seedance on BytePlus ModelArk.
-    Seedance => seedance::SeedanceProvider,
+    Seedance = "seedance" => seedance::SeedanceProvider,
     /// Alibaba Wan on DashScope (asynchronous tasks).
-    Dashscope => dashscope::DashscopeProvider,
+    Dashscope = "dashscope" => dashscope::DashscopeProvider,
     /// MiniMax (Hailuo) video generation.
-    Minimax => minimax::MinimaxProvider,
+    Minimax = "minimax" => minimax::MinimaxProvider,
     /// Luma Dream Machine generations.
-    Luma => luma::LumaProvider,
+    Luma = "luma" => luma::LumaProvider,
 }
 
 impl ProviderKind {
-    /// Every kind, in the order of the list above.
-    pub const ALL: [ProviderKind; 11] = [
-        Self::OpenaiVideos,
-        Self::Replicate,
-        Self::Fal,
-        Self::VertexVeo,
-        Self::Gemini,
-        Self::Runway,
-        Self::Kling,
-        Self::Seedance,
-        Self::Dashscope,
-        Self::Minimax,
-        Self::Luma,
-    ];
-
-    /// The configuration spelling, e.g. `vertex_veo`.
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::OpenaiVideos => "openai_videos",
-            Self::Replicate => "replicate",
-            Self::Fal => "fal",
-            Self::VertexVeo => "vertex_veo",
-            Self::Gemini => "gemini",
-            Self::Runway => "runway",
-            Self::Kling => "kling",
-            Self::Seedance => "seedance",
-            Self::Dashscope => "dashscope",
-            Self::Minimax => "minimax",
-            Self::Luma => "luma",
-        }
-    }
-
     /// The kind's own floor under the interval between two status checks of one job, in ms.
     #[must_use]
     pub fn default_min_status_interval_ms(self) -> u64 {
@@ -226,5 +203,29 @@ impl Providers {
         let mut names: Vec<String> = self.by_name.keys().cloned().collect();
         names.sort_unstable();
         names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ProviderKind;
+
+    #[test]
+    fn every_kind_reads_back_from_its_spelling_in_config_and_in_text() {
+        for kind in ProviderKind::ALL {
+            let from_config: ProviderKind =
+                serde_json::from_value(serde_json::json!(kind.as_str())).expect("serde spelling");
+            assert_eq!(from_config, kind);
+            assert_eq!(kind.as_str().parse::<ProviderKind>(), Ok(kind));
+            assert_eq!(
+                serde_json::to_value(kind).expect("serialises"),
+                serde_json::json!(kind.as_str())
+            );
+        }
+        let unknown = "sora".parse::<ProviderKind>().unwrap_err();
+        assert!(
+            unknown.contains("known: openai_videos, replicate, fal"),
+            "{unknown}"
+        );
     }
 }
