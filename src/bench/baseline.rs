@@ -342,10 +342,12 @@ async fn raw_hop(state: &RawState, delivery: lapin::message::Delivery) {
         let _ = delivery.ack(BasicAckOptions::default()).await;
         state.hops.fetch_add(1, Ordering::Relaxed);
     } else {
+        // Counted and dropped, never requeued (a requeue would spin at the head of the queue
+        // and skew the ceiling): the window reports `failures` beside its rate.
         state.failures.fetch_add(1, Ordering::Relaxed);
         let _ = delivery
             .nack(BasicNackOptions {
-                requeue: true,
+                requeue: false,
                 ..BasicNackOptions::default()
             })
             .await;
