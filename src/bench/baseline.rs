@@ -342,8 +342,9 @@ async fn raw_hop(state: &RawState, delivery: lapin::message::Delivery) {
         let _ = delivery.ack(BasicAckOptions::default()).await;
         state.hops.fetch_add(1, Ordering::Relaxed);
     } else {
-        // Counted and dropped, never requeued (a requeue would spin at the head of the queue
-        // and skew the ceiling): the window reports `failures` beside its rate.
+        // Counted and rejected, never requeued (a requeue would spin at the head of the queue and
+        // skew the ceiling): the partition dead-letters it into the run's parking queue, and the
+        // window reports `failures` beside its rate.
         state.failures.fetch_add(1, Ordering::Relaxed);
         let _ = delivery
             .nack(BasicNackOptions {
