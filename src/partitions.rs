@@ -193,6 +193,18 @@ impl PartitionManager {
             match self.heartbeat(&running).await {
                 Ok(held) => {
                     last_renewed = Instant::now();
+                    // A consumer ends only when told to; one that ended otherwise (a panic)
+                    // would leave a leased partition unconsumed: start it again below.
+                    running.retain(|p, r| {
+                        let ended = r.handle.is_finished();
+                        if ended {
+                            warn!(
+                                partition = *p,
+                                "partition consumer ended by itself; restarting it"
+                            );
+                        }
+                        !ended
+                    });
                     let to_stop: Vec<u16> = running
                         .keys()
                         .filter(|p| !held.contains(p))
