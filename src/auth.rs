@@ -141,8 +141,14 @@ pub async fn authenticate(store: &Store, authorization: Option<&str>) -> Result<
     if !matches || record.revoked_at.is_some() {
         return Err(AuthError::Invalid);
     }
-    if let Err(e) = store.touch_api_key(id).await {
-        tracing::debug!(key_id = id, error = %e, "last use of the key not recorded");
+    // Recorded to the minute: a key used within the last minute costs no second round trip.
+    let recorded_recently = record
+        .last_used_at
+        .is_some_and(|at| chrono::Utc::now() - at < chrono::Duration::minutes(1));
+    if !recorded_recently {
+        if let Err(e) = store.touch_api_key(id).await {
+            tracing::debug!(key_id = id, error = %e, "last use of the key not recorded");
+        }
     }
     Ok(Caller {
         key_id: record.id,
