@@ -2,7 +2,11 @@
 //! provider's job id the moment it is known (retried until it sticks: the job exists), and a
 //! task with a recorded job resumes from it instead of submitting again. An attempt whose
 //! outcome is unknown (no answer after sending; a crash before the job was recorded) is not
-//! simply sent again: `generation.ambiguous_submit` decides.
+//! simply sent again: `generation.ambiguous_submit` decides. Where the provider can look an
+//! attempt up by a client-set id (Kling's `external_task_id`), it is asked first, and a "no such
+//! job" is asked again after a pause that lets a request still in flight there land; then the
+//! next POST reuses the attempt's id, so a provider that keeps those ids unique cannot create a
+//! second job under it, and a refusal of that POST is looked up once more before it counts.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +25,10 @@ use crate::store::{Task, TaskStatus};
 /// How long a recorded job id may take to stick while the database is down: under RabbitMQ's
 /// `consumer_timeout` (30 min by default), which would take the delivery back meanwhile.
 const RECORD_JOB_FOR: Duration = Duration::from_secs(20 * 60);
+
+/// Pause between an unanswered submit and asking the provider about it: a request that reached
+/// the provider just before our timeout may still be turning into a job.
+const LOOKUP_SETTLE: Duration = Duration::from_secs(2);
 
 /// The error of a task failed because its submit's outcome is unknown.
 pub(super) const AMBIGUOUS_ERROR: &str = "submission outcome unknown";
@@ -107,6 +115,7 @@ impl GenerationOrchestrator {
         prior: Option<&Task>,
     ) -> Result<(), HandleError> {
         let name = provider.name().to_owned();
+        let mut reuse: Option<String> = None;
         if let Some(prior) = prior {
             if let Some(job) = &prior.provider_task_id {
                 Submission::Resumed.count(&name);
@@ -126,7 +135,7 @@ impl GenerationOrchestrator {
                             .await
                     }
                     Looked::Done => return Ok(()),
-                    Looked::Absent => {}
+                    Looked::Absent => reuse = Some(attempt_id.clone()),
                     Looked::Unknowable => {
                         if self.ambiguous(r, &name, &traceparent).await? == AmbiguousSubmit::Fail {
                             return Ok(());
@@ -140,7 +149,11 @@ impl GenerationOrchestrator {
         let mut attempt = 0;
         let result = loop {
             attempt += 1;
-            let attempt_id = uuid::Uuid::new_v4().to_string();
+            // An attempt the provider said it has no job for is sent again under its own id.
+            let reused = reuse.is_some();
+            let attempt_id = reuse
+                .take()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             request.attempt_id.clone_from(&attempt_id);
             let attempted_at = chrono::Utc::now();
             if !self
@@ -177,13 +190,23 @@ impl GenerationOrchestrator {
                 }
                 Err(e) if e.unanswered() => {
                     warn!(attempt, error = %e, "submit sent but not answered: the provider may have created the job");
-                    match self
+                    let mut looked = self
                         .look_up(provider.as_ref(), &request, attempted_at)
-                        .await?
-                    {
+                        .await?;
+                    if matches!(looked, Looked::Absent) {
+                        // Absent twice, a pause apart, before it counts.
+                        tokio::select! {
+                            _ = self.stop.cancelled() => return Err(HandleError::Shutdown),
+                            _ = tokio::time::sleep(LOOKUP_SETTLE) => {}
+                        }
+                        looked = self
+                            .look_up(provider.as_ref(), &request, attempted_at)
+                            .await?;
+                    }
+                    match looked {
                         Looked::Found(job) => break Ok(job),
                         Looked::Done => return Ok(()),
-                        Looked::Absent => {}
+                        Looked::Absent => reuse = Some(attempt_id.clone()),
                         Looked::Unknowable => {
                             if self.ambiguous(r, &name, &traceparent).await?
                                 == AmbiguousSubmit::Fail
@@ -193,6 +216,22 @@ impl GenerationOrchestrator {
                         }
                     }
                     e
+                }
+                Err(e) if reused && !e.is_transient() => {
+                    // Perhaps refused because the first POST under this id did land after all.
+                    match self
+                        .look_up(provider.as_ref(), &request, attempted_at)
+                        .await?
+                    {
+                        Looked::Found(job) => break Ok(job),
+                        Looked::Done => return Ok(()),
+                        Looked::Absent | Looked::Unknowable => {
+                            self.store
+                                .clear_submit_attempt(&r.request_id, &attempt_id)
+                                .await?;
+                            e
+                        }
+                    }
                 }
                 Err(e) => {
                     self.store

@@ -264,3 +264,48 @@ async fn a_crash_before_the_job_id_was_recorded_is_resolved_through_klings_exter
     assert_eq!(stats.submits, 1, "not sent again");
     assert_eq!(stats.jobs, 1, "exactly one provider job");
 }
+
+/// Kling's lookup by `external_task_id` right after a timeout may not see a job whose POST
+/// landed as the client gave up. A "no such task" is asked again after a pause, so the late job
+/// is found and tracked instead of a second one being made.
+#[tokio::test]
+async fn a_job_that_appears_just_after_the_timeout_is_found_not_made_twice() {
+    use video_orchestrator::providers::ProviderKind;
+    let sim = start_sim(500).await;
+    let mut env = env_with(&sim, &[]).await;
+    let mut kling = sim.provider_settings(ProviderKind::Kling);
+    // Under the simulator's 1.5 s before a `[late]` job can be looked up.
+    kling.timeout_ms = 1_000;
+    env.settings.providers.insert("kling".to_owned(), kling);
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+    let stop = CancellationToken::new();
+    let client = Client::new(env.broker().await, stop.clone());
+    let mut request = new_request("vk-late", "kling-v2-6", "landed as we gave up [late]");
+    request.provider = Some("kling".to_owned());
+    let id = client.submit(&request).await.expect("published");
+    let terminal = events
+        .wait_for(
+            |e| {
+                e.request_id() == Some(id.as_str())
+                    && (e.routing_key == "video.generation.completed"
+                        || e.routing_key == "video.generation.failed")
+            },
+            DONE,
+        )
+        .await
+        .expect("the task ends");
+    let stats = sim.stats();
+    assert_eq!(
+        terminal.routing_key, "video.generation.completed",
+        "the late job is found by the attempt id and tracked: {}",
+        terminal.body
+    );
+    assert_eq!((stats.submits, stats.jobs), (1, 1), "one POST, one job");
+    stop.cancel();
+    drop(client);
+    events.close().await;
+    service.stop().await;
+    sim.shutdown().await;
+    env.cleanup().await;
+}

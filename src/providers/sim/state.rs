@@ -23,6 +23,9 @@ pub(super) const FAILURE_MESSAGE: &str = "simulated failure";
 /// keep two cores from queueing on one lock.
 const SHARDS: usize = 16;
 
+/// How long after its POST a `[late]` prompt's job appears: past a test client's timeout.
+pub(super) const LATE_BY: Duration = Duration::from_millis(1500);
+
 /// The share of a job's duration spent queued.
 const QUEUED_FRACTION: u32 = 10;
 
@@ -86,6 +89,8 @@ pub(super) struct Job {
     /// Time since creation at which it was cancelled.
     pub(super) cancelled_after: Option<Duration>,
     status_calls: u64,
+    /// Before this a lookup by its client-set id does not find it (`[late]`).
+    visible_from: Instant,
 }
 
 /// A job as seen at one instant.
@@ -109,6 +114,7 @@ impl Job {
             fail,
             cancelled_after: None,
             status_calls: 0,
+            visible_from: Instant::now(),
         }
     }
 
@@ -236,7 +242,10 @@ impl SimState {
             base
         };
         let fail = request.prompt.contains("[fail]") || roll(self.settings.failure_rate);
-        let job = Job::new(request, Duration::from_millis(duration_ms), fail);
+        let mut job = Job::new(request, Duration::from_millis(duration_ms), fail);
+        if job.request.prompt.contains("[late]") {
+            job.visible_from += LATE_BY;
+        }
         lock(self.shard(&id)).insert(id.clone(), job);
         id
     }
@@ -244,18 +253,22 @@ impl SimState {
     /// The id of the job created with client-set id `external_id`, if any.
     pub(super) fn find_external(&self, external_id: &str) -> Option<String> {
         self.shards.iter().find_map(|shard| {
+            let now = Instant::now();
             lock(shard).iter().find_map(|(id, job)| {
-                (job.request.external_id.as_deref() == Some(external_id)).then(|| id.clone())
+                (job.request.external_id.as_deref() == Some(external_id) && job.visible_from <= now)
+                    .then(|| id.clone())
             })
         })
     }
 
     /// After creating a job: a `[lost]` prompt never gets its answer (the connection hangs for
     /// 60 s, cut short by shutdown), as when a network drops the response to a POST that the
-    /// provider acted on. True when the answer is lost; the handler then answers 503, which the
-    /// client, having timed out, never reads.
+    /// provider acted on. A `[late]` one neither, and its job is found by its client-set id
+    /// only [`LATE_BY`] after the POST: the request landed as the client gave up. True when the
+    /// answer is lost; the handler then answers 503, which the client, having timed out, never
+    /// reads.
     pub(super) async fn answer_lost(&self, prompt: &str) -> bool {
-        if !prompt.contains("[lost]") {
+        if !prompt.contains("[lost]") && !prompt.contains("[late]") {
             return false;
         }
         tokio::select! {
