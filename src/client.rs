@@ -197,6 +197,7 @@ pub fn new_request(virtual_key_id: &str, model: &str, prompt: &str) -> VideoGene
         size: None,
         provider: None,
         callback_url: None,
+        image_url: None,
         metadata: None,
     }
 }

@@ -116,6 +116,7 @@ impl Sweeper {
                 size: task.size.clone(),
                 provider: (!task.provider.is_empty()).then(|| task.provider.clone()),
                 callback_url: task.callback_url.clone(),
+                image_url: task.image_url.clone(),
                 metadata: task.metadata.clone(),
             };
             let envelope = self

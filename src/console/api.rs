@@ -397,6 +397,7 @@ mod tests {
             provider: "openai".into(),
             provider_task_id: Some("job-9".into()),
             callback_url: None,
+            image_url: None,
             metadata: None,
             status: TaskStatus::Completed,
             progress: 100,

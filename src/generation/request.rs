@@ -27,6 +27,7 @@ impl GenerationOrchestrator {
             size: r.size.clone(),
             provider: String::new(),
             callback_url: r.callback_url.clone(),
+            image_url: r.image_url.clone(),
             metadata: r.metadata.clone(),
             traceparent: traceparent.clone(),
         };
@@ -37,6 +38,7 @@ impl GenerationOrchestrator {
                 // metadata is not stored.
                 let new_task = NewTask {
                     callback_url: None,
+                    image_url: None,
                     metadata: None,
                     ..new_task
                 };

@@ -99,6 +99,7 @@ fn submit_request(
         prompt: r.prompt.clone(),
         duration_seconds: r.duration_seconds,
         size: r.size.clone(),
+        image_url: r.image_url.clone(),
         metadata: r.metadata.clone(),
         traceparent: traceparent.clone(),
     }

@@ -65,7 +65,11 @@ impl GenerationOrchestrator {
             webhooks::validate_url(url, &self.webhooks.allowed_hosts)
                 .map_err(|e| format!("callbackUrl: {e}"))?;
         }
-        self.providers
+        if let Some(image) = &r.image_url {
+            validate_image_url(image).map_err(|e| format!("imageUrl: {e}"))?;
+        }
+        let provider = self
+            .providers
             .route(&r.model, r.provider.as_deref())
             .ok_or_else(|| match &r.provider {
                 Some(p) => format!("provider `{p}` is not configured"),
@@ -73,6 +77,69 @@ impl GenerationOrchestrator {
                     "model `{}` is not routed to any configured provider",
                     r.model
                 ),
-            })
+            })?;
+        if r.image_url.is_some() && !provider.takes_image() {
+            return Err(format!(
+                "imageUrl: provider `{}` takes no input image (image-to-video: runway, kling, fal)",
+                provider.name()
+            ));
+        }
+        Ok(provider)
+    }
+}
+
+/// Longest `https://` image URL accepted (Runway's limit for `promptImage` URLs).
+const MAX_IMAGE_URL_CHARS: usize = 2048;
+
+/// An input image is an `https://` URL or a base64 `data:image/…` URI, with no whitespace.
+fn validate_image_url(image: &str) -> Result<(), String> {
+    if image.chars().any(char::is_whitespace) {
+        return Err("must not contain whitespace".to_owned());
+    }
+    if let Some(rest) = image.strip_prefix("data:image/") {
+        let (kind, data) = rest
+            .split_once(";base64,")
+            .ok_or("a data URI must be `data:image/<type>;base64,<data>`")?;
+        if kind.is_empty() || data.is_empty() {
+            return Err("a data URI needs an image type and data".to_owned());
+        }
+        return Ok(());
+    }
+    let Some(host) = image.strip_prefix("https://") else {
+        return Err("must be an https:// URL or a data:image/…;base64, URI".to_owned());
+    };
+    if host.is_empty() || host.starts_with('/') {
+        return Err("the URL has no host".to_owned());
+    }
+    let chars = image.chars().count();
+    if chars > MAX_IMAGE_URL_CHARS {
+        return Err(format!(
+            "the URL is {chars} characters long; the limit is {MAX_IMAGE_URL_CHARS}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validate_image_url;
+
+    #[test]
+    fn image_urls_are_https_or_base64_data_uris() {
+        assert!(validate_image_url("https://cdn.example.com/frame.png").is_ok());
+        assert!(validate_image_url("data:image/png;base64,iVBORw0KGgo=").is_ok());
+        for bad in [
+            "http://cdn.example.com/frame.png",
+            "https://",
+            "ftp://example.com/a.png",
+            "data:text/plain;base64,aGk=",
+            "data:image/png,raw",
+            "data:image/;base64,AAAA",
+            "https://example.com/a b.png",
+        ] {
+            assert!(validate_image_url(bad).is_err(), "{bad} accepted");
+        }
+        let long = format!("https://example.com/{}", "a".repeat(2100));
+        assert!(validate_image_url(&long).unwrap_err().contains("limit is 2048"));
     }
 }

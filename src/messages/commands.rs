@@ -30,6 +30,10 @@ message! {
         /// Where to POST terminal events (signed).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub callback_url: Option<String>,
+        /// The first frame, for image-to-video: an `https://` URL or a `data:image/…;base64,`
+        /// URI. Only kinds that take an image accept it (`runway`, `kling`, `fal`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub image_url: Option<String>,
         /// Opaque data passed to the provider.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub metadata: Option<serde_json::Value>,

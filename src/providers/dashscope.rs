@@ -422,6 +422,7 @@ mod tests {
             prompt: "p".to_owned(),
             duration_seconds: Some(5),
             size: Some("1280x720".to_owned()),
+            image_url: None,
             metadata: None,
             traceparent: None,
         };

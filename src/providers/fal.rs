@@ -12,8 +12,10 @@
 //! - auth: `Authorization: Key <api_key>`;
 //! - submit: `POST /{model_id}` with the model's own input JSON, answered with `request_id`,
 //!   `response_url`, `status_url` and `cancel_url`. We send `prompt`, `duration` when asked for
-//!   one (see [`duration_value`]) and `aspect_ratio` when the size reduces to `16:9`, `9:16` or
-//!   `1:1` (the values every fal video model accepts); models ignore fields they do not know;
+//!   one (see [`duration_value`]), `aspect_ratio` when the size reduces to `16:9`, `9:16` or
+//!   `1:1` (the values every fal video model accepts), and `image_url` for a request with an
+//!   input image (the field fal's image-to-video models take; pick such a model, e.g.
+//!   `fal-ai/kling-video/v2.1/master/image-to-video`); models ignore fields they do not know;
 //! - the model id is `owner/app[/path]` (`fal-ai/kling-video/v2.1/master/text-to-video`), or
 //!   `workflows|comfy/owner/app[/path]`. Submit uses the whole id; status, result and cancel use
 //!   only the app id (`owner/app`, see [`app_id`]) — fal's `response_url` says the same. The
@@ -194,9 +196,13 @@ pub fn aspect_ratio(size: &str) -> Option<&'static str> {
     }
 }
 
-/// The model input we send: `prompt`, and `duration` / `aspect_ratio` when asked for.
+/// The model input we send: `prompt`, and `duration` / `aspect_ratio` / `image_url` when asked
+/// for (`image_url` is the input image of fal's image-to-video models, a URL or a data URI).
 fn model_input(request: &SubmitRequest) -> serde_json::Value {
     let mut input = serde_json::json!({ "prompt": request.prompt });
+    if let Some(image) = &request.image_url {
+        input["image_url"] = serde_json::Value::from(image.as_str());
+    }
     if let Some(seconds) = request.duration_seconds {
         input["duration"] = serde_json::Value::from(duration_value(&request.model, seconds));
     }
@@ -461,6 +467,10 @@ fn client_closed_request() -> StatusCode {
 impl VideoProvider for FalProvider {
     fn name(&self) -> &str {
         self.transport.name()
+    }
+
+    fn takes_image(&self) -> bool {
+        true
     }
 
     async fn submit(&self, request: &SubmitRequest) -> Result<ProviderTask, ProviderError> {

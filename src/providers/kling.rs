@@ -1,4 +1,4 @@
-//! Kling's video tasks API (text to video).
+//! Kling's video tasks API (text to video and image to video).
 //!
 //! Sources: Kling's API documentation (app.klingai.com/global/dev/document-api: "General
 //! Information" for the domain, authentication and error codes; "Text to Video" for the task
@@ -14,6 +14,11 @@
 //!   external_task_id}`. `duration` is a string, `"5"` or `"10"`: a requested length is sent as
 //!   the nearer of the two (up to 7 s → `"5"`). `aspect_ratio` (`16:9`, `9:16`, `1:1`) follows
 //!   the requested size's orientation;
+//! - image to video, for a request with an input image (`imageUrl`): `POST
+//!   /v1/videos/image2video` with `{model_name, image, prompt, duration, external_task_id}`
+//!   (no `aspect_ratio`: the image gives it). `image` is an image URL or bare base64: Kling
+//!   refuses a `data:image/…;base64,` prefix, so a data URI is sent without it. The task is
+//!   queried under the same endpoint, so its id is kept as `image2video/{task_id}`;
 //! - status: `GET /v1/videos/text2video/{task_id}`. `data.task_status` is `submitted`,
 //!   `processing`, `succeed` or `failed`; on failure `task_status_msg` says why; on success
 //!   `data.task_result.videos[0]` has `url` and `duration` (seconds, a string);
@@ -71,6 +76,9 @@ pub const TOKEN_REFRESH_MARGIN_SECS: i64 = 300;
 pub const NOT_FOUND_CODE: i64 = 1203;
 
 const TASKS_PATH: &str = "/v1/videos/text2video";
+const IMAGE_TASKS_PATH: &str = "/v1/videos/image2video";
+/// How the id of an image-to-video task starts: its queries go to [`IMAGE_TASKS_PATH`].
+const IMAGE_TASK_PREFIX: &str = "image2video/";
 
 const EXPECTED_STATUSES: &str = "submitted, processing, succeed or failed";
 
@@ -108,8 +116,21 @@ impl KlingProvider {
         })
     }
 
+    /// Where task `id` (ours: `image2video/…` for image-to-video tasks) is queried.
     fn task_path(id: &str) -> String {
-        format!("{TASKS_PATH}/{}", path_segment(id))
+        match id.strip_prefix(IMAGE_TASK_PREFIX) {
+            Some(image_task) => format!("{IMAGE_TASKS_PATH}/{}", path_segment(image_task)),
+            None => format!("{TASKS_PATH}/{}", path_segment(id)),
+        }
+    }
+
+    /// The endpoint a request goes to, and how the ids of its tasks are written.
+    fn endpoint(request: &SubmitRequest) -> (&'static str, &'static str) {
+        if request.image_url.is_some() {
+            (IMAGE_TASKS_PATH, IMAGE_TASK_PREFIX)
+        } else {
+            (TASKS_PATH, "")
+        }
     }
 }
 
@@ -307,6 +328,16 @@ pub fn parse_created(body: &[u8]) -> Result<ProviderTask, ProviderError> {
     Ok(ProviderTask { id: task.task_id })
 }
 
+/// `image` as Kling takes it: a URL as given, a data URI as its bare base64 (Kling refuses the
+/// `data:image/…;base64,` prefix).
+#[must_use]
+pub fn image_field(image: &str) -> &str {
+    match image.split_once(";base64,") {
+        Some((head, data)) if head.starts_with("data:") => data,
+        _ => image,
+    }
+}
+
 /// Parses a task query answer (the body of `GET /v1/videos/text2video/{id}`).
 ///
 /// # Errors
@@ -430,6 +461,10 @@ impl VideoProvider for KlingProvider {
         self.transport.name()
     }
 
+    fn takes_image(&self) -> bool {
+        true
+    }
+
     async fn submit(&self, request: &SubmitRequest) -> Result<ProviderTask, ProviderError> {
         let mut body = serde_json::json!({
             "model_name": request.model,
@@ -439,18 +474,20 @@ impl VideoProvider for KlingProvider {
         if let Some(seconds) = request.duration_seconds {
             body["duration"] = serde_json::Value::from(duration_field(seconds));
         }
-        if let Some(ratio) = request.size.as_deref().and_then(aspect_ratio_field) {
-            body["aspect_ratio"] = serde_json::Value::from(ratio);
+        match &request.image_url {
+            Some(image) => body["image"] = serde_json::Value::from(image_field(image)),
+            None => {
+                if let Some(ratio) = request.size.as_deref().and_then(aspect_ratio_field) {
+                    body["aspect_ratio"] = serde_json::Value::from(ratio);
+                }
+            }
         }
-        let created = self
+        let (path, prefix) = Self::endpoint(request);
+        let mut created = self
             .transport
-            .submit_with(
-                TASKS_PATH,
-                &body,
-                request.traceparent.as_deref(),
-                parse_created,
-            )
+            .submit_with(path, &body, request.traceparent.as_deref(), parse_created)
             .await?;
+        created.id = format!("{prefix}{}", created.id);
         tracing::debug!(provider = %self.transport.name(), request_id = %request.request_id, attempt_id = %request.attempt_id, task_id = %created.id, "kling task submitted");
         Ok(created)
     }
@@ -475,7 +512,8 @@ impl VideoProvider for KlingProvider {
         request: &SubmitRequest,
         _attempted_at: DateTime<Utc>,
     ) -> Result<SubmitLookup, ProviderError> {
-        let path = Self::task_path(&request.attempt_id);
+        let (endpoint, prefix) = Self::endpoint(request);
+        let path = format!("{endpoint}/{}", path_segment(&request.attempt_id));
         let lookup = self
             .transport
             .send_parsed(
@@ -485,6 +523,12 @@ impl VideoProvider for KlingProvider {
                 |body| parse_lookup(body, &request.attempt_id),
             )
             .await?;
+        let lookup = match lookup {
+            SubmitLookup::Found(task) => SubmitLookup::Found(ProviderTask {
+                id: format!("{prefix}{}", task.id),
+            }),
+            other => other,
+        };
         tracing::debug!(provider = %self.transport.name(), request_id = %request.request_id, attempt_id = %request.attempt_id, ?lookup, "kling submit looked up by external_task_id");
         Ok(lookup)
     }

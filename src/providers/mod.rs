@@ -73,6 +73,9 @@ pub struct SubmitRequest {
     pub duration_seconds: Option<u32>,
     /// Resolution such as `1280x720`, when the caller asked for one.
     pub size: Option<String>,
+    /// The first frame for image-to-video (`imageUrl`: an https URL or a data URI); only sent
+    /// to kinds whose [`VideoProvider::takes_image`] is true.
+    pub image_url: Option<String>,
     /// Caller metadata; not sent (neither protocol has a field for it).
     pub metadata: Option<serde_json::Value>,
     /// W3C trace context, sent as the `traceparent` header.
@@ -287,6 +290,12 @@ pub trait VideoProvider: Send + Sync + fmt::Debug {
     /// # Errors
     /// As for [`VideoProvider::submit`].
     async fn cancel(&self, task: &ProviderTask) -> Result<CancelOutcome, ProviderError>;
+
+    /// Whether this protocol takes an input image (`SubmitRequest::image_url`); a request with
+    /// one for a provider that does not is refused before anything is sent.
+    fn takes_image(&self) -> bool {
+        false
+    }
 
     /// Asks whether the attempt `request.attempt_id`, sent at `attempted_at` and never answered,
     /// created a job. The default, for protocols with neither a client-set id nor a listing to

@@ -15,8 +15,10 @@
 //!   (`gen4.5`: `1280:720`, `720:1280`; `veo3`, `veo3.1`, `veo3.1_fast`: those and `1080:1920`,
 //!   `1920:1080`; others more); Runway answers 400 for any other, so the adapter does not keep
 //!   its own copy of the lists. `duration` is whole seconds (`veo3.1`: 4, 6 or 8; `gen4.5`: 2–10;
-//!   `veo3`: 8 only) and is omitted when not asked for. `/v1/image_to_video` (`promptImage`) also
-//!   exists, but a [`SubmitRequest`] carries no image, so text-to-video is always used;
+//!   `veo3`: 8 only) and is omitted when not asked for. A request with an input image
+//!   (`imageUrl`) goes to `POST /v1/image_to_video` instead, the same body plus `promptImage`
+//!   (an https URL or a data URI; `promptText` is optional there but always sent); both answer
+//!   `{id}` and are fetched the same way;
 //! - status: `GET /v1/tasks/{id}`, whose `status` is `PENDING` (queued), `THROTTLED` (stored but
 //!   not queued yet: the organisation is at its concurrency limit), `RUNNING`, `SUCCEEDED`,
 //!   `FAILED` or `CANCELLED`. Runway asks that a task be polled at most once every 5 s: the
@@ -218,10 +220,19 @@ fn fraction_percent(fraction: f64) -> u8 {
     (fraction * 100.0).clamp(0.0, 100.0).floor() as u8
 }
 
+/// Text to video: `{model, promptText, ratio, duration?}`.
+const TEXT_TO_VIDEO_PATH: &str = "/v1/text_to_video";
+/// Image to video: the same and `promptImage` (an https URL or a data URI).
+const IMAGE_TO_VIDEO_PATH: &str = "/v1/image_to_video";
+
 #[async_trait::async_trait]
 impl VideoProvider for RunwayProvider {
     fn name(&self) -> &str {
         self.transport.name()
+    }
+
+    fn takes_image(&self) -> bool {
+        true
     }
 
     async fn submit(&self, request: &SubmitRequest) -> Result<ProviderTask, ProviderError> {
@@ -242,10 +253,17 @@ impl VideoProvider for RunwayProvider {
         if let Some(duration) = request.duration_seconds {
             body["duration"] = serde_json::Value::from(duration);
         }
+        let path = match &request.image_url {
+            Some(image) => {
+                body["promptImage"] = serde_json::Value::from(image.as_str());
+                IMAGE_TO_VIDEO_PATH
+            }
+            None => TEXT_TO_VIDEO_PATH,
+        };
         let created = self
             .transport
             .submit(
-                "/v1/text_to_video",
+                path,
                 &body,
                 request.traceparent.as_deref(),
                 "task",

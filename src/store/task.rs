@@ -87,6 +87,8 @@ pub struct Task {
     pub provider_task_id: Option<String>,
     #[allow(missing_docs)]
     pub callback_url: Option<String>,
+    /// The input image of an image-to-video request.
+    pub image_url: Option<String>,
     #[allow(missing_docs)]
     pub metadata: Option<serde_json::Value>,
     #[allow(missing_docs)]
@@ -151,6 +153,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for Task {
             provider: row.try_get("provider")?,
             provider_task_id: row.try_get("provider_task_id")?,
             callback_url: row.try_get("callback_url")?,
+            image_url: row.try_get("image_url")?,
             metadata: row.try_get("metadata")?,
             status: TaskStatus::parse(&status)
                 .map_err(|e| sqlx::Error::Decode(e.to_string().into()))?,
@@ -198,6 +201,8 @@ pub struct NewTask {
     pub provider: String,
     #[allow(missing_docs)]
     pub callback_url: Option<String>,
+    /// The input image of an image-to-video request.
+    pub image_url: Option<String>,
     #[allow(missing_docs)]
     pub metadata: Option<serde_json::Value>,
     #[allow(missing_docs)]

@@ -75,7 +75,7 @@ impl UnitOfWork {
         Ok(sqlx::query_as::<_, Task>(
             "UPDATE video_tasks SET virtual_key_id = $2, model = $3, prompt = $4,
                  duration_seconds = $5, size = $6, provider = $7, callback_url = $8, metadata = $9,
-                 traceparent = $10, status = 'pending', message = NULL, finished_at = NULL,
+                 traceparent = $10, image_url = $11, status = 'pending', message = NULL, finished_at = NULL,
                  tracking_stopped = false, tombstone = false, created_at = now(), updated_at = now()
              WHERE request_id = $1 AND tombstone AND virtual_key_id <> $2
              RETURNING *",
@@ -90,6 +90,7 @@ impl UnitOfWork {
         .bind(&task.callback_url)
         .bind(&task.metadata)
         .bind(&task.traceparent)
+        .bind(&task.image_url)
         .fetch_optional(self.conn())
         .await?)
     }
@@ -123,9 +124,9 @@ impl UnitOfWork {
         let done = sqlx::query(
             "INSERT INTO video_tasks (request_id, virtual_key_id, model, prompt, duration_seconds, size,
                  provider, callback_url, metadata, traceparent, status,
-                 finished_at)
+                 finished_at, image_url)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
-                 CASE WHEN $11 IN ('pending', 'processing') THEN NULL ELSE now() END)
+                 CASE WHEN $11 IN ('pending', 'processing') THEN NULL ELSE now() END, $12)
              ON CONFLICT (request_id) DO NOTHING",
         )
         .bind(&task.request_id)
@@ -139,6 +140,7 @@ impl UnitOfWork {
         .bind(&task.metadata)
         .bind(&task.traceparent)
         .bind(status.as_str())
+        .bind(&task.image_url)
         .execute(self.conn())
         .await?;
         if done.rows_affected() == 1 {

@@ -97,6 +97,7 @@ fn request(request_id: &str) -> VideoGenerationRequested {
         size: None,
         provider: None,
         callback_url: None,
+        image_url: None,
         metadata: None,
     }
 }

@@ -70,6 +70,7 @@ fn request(n: usize) -> VideoGenerationRequested {
         size: None,
         provider: None,
         callback_url: None,
+        image_url: None,
         metadata: None,
     }
 }

@@ -163,3 +163,74 @@ async fn a_capped_provider_is_throttled_without_holding_up_another() {
     sim.shutdown().await;
     env.cleanup().await;
 }
+
+/// `imageUrl` reaches the kinds that take an input image (and is kept on the row, for a
+/// re-drive); for any other kind the request is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_image_goes_to_the_kinds_that_take_one_and_is_refused_elsewhere() {
+    let sim = start_sim(400).await;
+    let mut env = env_with(&sim, &[]).await;
+    for kind in [ProviderKind::Runway, ProviderKind::Kling, ProviderKind::Fal] {
+        let mut provider = sim.provider_settings(kind);
+        // Runway's 5 s floor would only slow the test down.
+        provider.min_status_interval_ms = Some(0);
+        env.settings
+            .providers
+            .insert(kind.as_str().to_owned(), provider);
+    }
+    let events = env.events().await;
+    let service = Instance::start_all(&env.settings).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let client = Client::new(env.broker().await, stop.clone());
+    let image = "data:image/png;base64,iVBORw0KGgo=";
+
+    let mut taken = Vec::new();
+    for kind in [ProviderKind::Runway, ProviderKind::Kling, ProviderKind::Fal] {
+        let mut request = new_request("vk-image", model_for(kind), "the frame comes alive");
+        request.provider = Some(kind.as_str().to_owned());
+        request.image_url = Some(image.to_owned());
+        taken.push((kind, client.submit(&request).await.expect("published")));
+    }
+    // The default provider (`sim`, openai_videos) takes no image.
+    let mut refused = new_request("vk-image", "sora-2", "a frame for nobody");
+    refused.image_url = Some(image.to_owned());
+    let refused = client.submit(&refused).await.expect("published");
+    let mut malformed = new_request("vk-image", "sora-2", "not an image");
+    malformed.provider = Some("runway".to_owned());
+    malformed.image_url = Some("ftp://example.com/frame.png".to_owned());
+    let malformed = client.submit(&malformed).await.expect("published");
+
+    for (kind, id) in &taken {
+        events
+            .wait_for(|e| e.is("video.generation.completed", id), DONE)
+            .await
+            .unwrap_or_else(|| panic!("{kind}: the image task completes"));
+        let task = env.store.get(id).await.expect("read").expect("row");
+        assert_eq!(task.image_url.as_deref(), Some(image), "{kind}: kept on the row");
+    }
+    for (id, reason) in [
+        (&refused, "imageUrl: provider `sim` takes no input image"),
+        (&malformed, "imageUrl: must be an https:// URL"),
+    ] {
+        let failed = events
+            .wait_for(|e| e.is("video.generation.failed", id), DONE)
+            .await
+            .unwrap_or_else(|| panic!("{reason}: the request is refused"));
+        let error = failed.body["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with(reason), "{error}");
+        assert_eq!(failed.body["retryable"], false);
+    }
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.submits, stats.jobs, stats.image_jobs),
+        (3, 3, 3),
+        "one job per accepted task, each with its image; nothing sent for the refused ones"
+    );
+
+    stop.cancel();
+    drop(client);
+    events.close().await;
+    service.stop().await;
+    sim.shutdown().await;
+    env.cleanup().await;
+}

@@ -712,3 +712,21 @@ async fn sim_rejection_is_permanent_with_the_message() {
     assert_eq!(sim.stats().jobs, 0);
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_input_image_goes_in_the_models_image_url() {
+    let sim = start_sim(500).await;
+    let provider = sim_provider(&sim);
+    assert!(provider.takes_image());
+    let mut from_image = fal_request(
+        "the frame comes alive",
+        "fal-ai/kling-video/v2.1/master/image-to-video",
+    );
+    from_image.image_url = Some("https://cdn.example.com/frame.png".to_owned());
+    let task = provider.submit(&from_image).await.expect("submit");
+    let seen = poll_to_end(provider.as_ref(), &task).await;
+    assert_eq!(last(&seen).state, ProviderState::Succeeded, "{seen:?}");
+    let stats = sim.stats();
+    assert_eq!((stats.jobs, stats.image_jobs), (1, 1));
+    sim.shutdown().await;
+}

@@ -603,3 +603,48 @@ async fn a_repeated_external_task_id_is_refused() {
     assert!(!refused.is_transient(), "{refused}");
     sim.shutdown().await;
 }
+
+#[test]
+fn a_data_uri_is_sent_to_kling_as_bare_base64_and_a_url_as_given() {
+    assert_eq!(kling::image_field("data:image/png;base64,iVBORw0KGgo="), "iVBORw0KGgo=");
+    assert_eq!(
+        kling::image_field("https://cdn.example.com/frame.png"),
+        "https://cdn.example.com/frame.png"
+    );
+}
+
+#[tokio::test]
+async fn an_image_request_goes_to_image2video_and_is_queried_and_looked_up_there() {
+    let sim = start_sim(500).await;
+    let provider = build(&sim_settings(&sim));
+    assert!(provider.takes_image());
+    let mut from_image = request("the frame comes alive");
+    // The simulator refuses a `data:` prefix as Kling does: success means it was taken off.
+    from_image.image_url = Some("data:image/png;base64,iVBORw0KGgo=".to_owned());
+    let created = provider.submit(&from_image).await.expect("submit");
+    let raw = created
+        .id
+        .strip_prefix("image2video/")
+        .unwrap_or_else(|| panic!("an image task's id says so: {}", created.id));
+    assert!(raw.len() == 18 && raw.bytes().all(|b| b.is_ascii_digit()), "{raw}");
+    let seen = poll_to_end(provider.as_ref(), &created).await;
+    let done = last(&seen);
+    assert_eq!(done.state, ProviderState::Succeeded, "{seen:?}");
+    assert_eq!(
+        done.video_url.as_deref(),
+        Some(format!("{}/kling/files/{raw}.mp4", sim.base_url()).as_str())
+    );
+    // The text endpoint does not know an image task.
+    assert!(provider.status(&task(raw), None).await.is_err());
+    // A lost answer is looked up under the image endpoint, and found with the same id.
+    assert_eq!(
+        provider
+            .find_submitted(&from_image, Utc::now())
+            .await
+            .expect("lookup"),
+        SubmitLookup::Found(created.clone())
+    );
+    let stats = sim.stats();
+    assert_eq!((stats.submits, stats.jobs, stats.image_jobs), (1, 1, 1));
+    sim.shutdown().await;
+}

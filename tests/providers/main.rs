@@ -73,6 +73,7 @@ fn request(prompt: &str) -> SubmitRequest {
         prompt: prompt.to_owned(),
         duration_seconds: Some(8),
         size: Some("1280x720".to_owned()),
+        image_url: None,
         metadata: None,
         traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned()),
     }
@@ -790,7 +791,7 @@ async fn sim_control_endpoints_report_stats_and_replace_faults() {
         .expect("json");
     assert_eq!(
         faults,
-        serde_json::json!({ "errorRate": 0.25, "rateLimitRate": 0.0, "latencyMs": 5, "hangRate": 0.0 })
+        serde_json::json!({ "errorRate": 0.25, "rateLimitRate": 0.0, "forbiddenRate": 0.0, "latencyMs": 5, "hangRate": 0.0 })
     );
     assert_eq!(
         sim.faults(),
@@ -825,6 +826,7 @@ async fn sim_control_endpoints_report_stats_and_replace_faults() {
         stats,
         serde_json::json!({
             "jobs": 1,
+            "imageJobs": 0,
             "submits": 1,
             // The unauthorised request above counts: it reached the status endpoint.
             "statusCalls": 3,
@@ -1065,8 +1067,8 @@ fn provider_errors_expose_kind_and_delay() {
 
 /// What every kind's adapter must do against the simulator speaking its protocol, written once:
 /// 429 (with `Retry-After: 1`) and 500 are transient on submit and status, with the provider's
-/// message; a submit whose answer is lost (the simulator created the job, then hung) is
-/// transient and `unanswered`, and made exactly one job.
+/// message; 403 is permanent on both; a submit whose answer is lost (the simulator created the
+/// job, then hung) is transient and `unanswered`, and made exactly one job.
 #[tokio::test]
 async fn every_kind_classifies_rate_limits_server_errors_and_lost_answers() {
     for kind in ProviderKind::ALL {
@@ -1121,6 +1123,20 @@ async fn every_kind_classifies_rate_limits_server_errors_and_lost_answers() {
                 error.to_string().contains("simulated server error"),
                 "{kind}: the provider's message is read: {error}"
             );
+        }
+
+        sim.set_faults(SimFaults {
+            forbidden_rate: 1.0,
+            ..SimFaults::default()
+        });
+        let submit = provider
+            .submit(&request("a forbidden lake"))
+            .await
+            .expect_err("403");
+        let status = provider.status(&task, None).await.expect_err("403");
+        for error in [submit, status] {
+            assert!(!error.is_transient(), "{kind}: 403 is permanent: {error}");
+            assert!(!error.unanswered(), "{kind}: {error}");
         }
 
         sim.set_faults(SimFaults::default());

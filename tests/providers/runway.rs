@@ -614,3 +614,50 @@ async fn a_wrong_key_is_permanent() {
         .expect("the right key works");
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_image_request_goes_to_image_to_video_with_its_prompt_image() {
+    let stub = runway_stub_with_image().await;
+    let runway = provider(ProviderKind::Runway, &stub.base_url);
+    let mut from_image = request("the frame comes alive");
+    from_image.image_url = Some("https://cdn.example.com/frame.png".to_owned());
+    runway.submit(&from_image).await.expect("submit");
+    let sent = requests(&stub);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(
+        (&sent[0]["method"], &sent[0]["path"]),
+        (&serde_json::json!("POST"), &serde_json::json!("/v1/image_to_video")),
+        "{sent:?}"
+    );
+    assert_eq!(sent[0]["body"]["promptImage"], "https://cdn.example.com/frame.png");
+    assert_eq!(sent[0]["body"]["promptText"], "the frame comes alive");
+    assert_eq!(sent[0]["body"]["ratio"], "1280:720");
+    assert!(runway.takes_image());
+
+    // The simulator's image_to_video needs the image, and its task is fetched like any other.
+    let sim = start_sim(500).await;
+    let runway = sim_runway(&sim);
+    let submitted = runway.submit(&from_image).await.expect("submit");
+    let seen = poll_to_end(runway.as_ref(), &submitted).await;
+    assert_eq!(last(&seen).state, ProviderState::Succeeded);
+    let stats = sim.stats();
+    assert_eq!((stats.jobs, stats.image_jobs), (1, 1));
+    sim.shutdown().await;
+}
+
+async fn runway_stub_with_image() -> Stub {
+    async fn create(
+        State(recorded): State<Recorded>,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        recorded
+            .lock()
+            .expect("lock")
+            .push(seen(&method, &uri, &headers, &body));
+        json_reply(StatusCode::OK, CREATED)
+    }
+    serve(Router::new().route("/v1/image_to_video", post(create))).await
+}

@@ -125,6 +125,7 @@ fn request() -> impl Strategy<Value = VideoGenerationRequested> {
                     size,
                     provider,
                     callback_url: None,
+                    image_url: None,
                     metadata: md.map(|m| Value::Object(m.into_iter().collect())),
                 }
             },
@@ -350,6 +351,7 @@ fn the_poison_of_the_contract_is_refused() {
         size: None,
         provider: None,
         callback_url: None,
+        image_url: None,
         metadata: None,
     }))
     .expect("json");

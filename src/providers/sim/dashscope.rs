@@ -228,6 +228,7 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
         clip_seconds: seconds_field(field("duration")),
         size,
         external_id: None,
+        image: None,
     };
     let id = state.create_job(uuid::Uuid::new_v4().to_string(), job);
     if state.answer_lost(prompt).await {

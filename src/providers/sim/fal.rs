@@ -168,6 +168,10 @@ async fn submit(
             .and_then(|r| r.as_str())
             .map(str::to_owned),
         external_id: None,
+        image: input
+            .get("image_url")
+            .and_then(|i| i.as_str())
+            .map(str::to_owned),
     };
     let app = app.to_owned();
     let id = state.create_job(uuid::Uuid::new_v4().to_string(), request);

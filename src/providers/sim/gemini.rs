@@ -114,6 +114,7 @@ async fn post_method(
             .and_then(|a| a.as_str())
             .map(str::to_owned),
         external_id: None,
+        image: None,
     };
     let id = state.create_job(id, job);
     if state.answer_lost(prompt).await {
@@ -225,6 +226,7 @@ mod tests {
                 clip_seconds: None,
                 size: None,
                 external_id: None,
+                image: None,
             },
         );
         let body = state

@@ -120,6 +120,13 @@ pub(super) async fn guard(
             "simulated server error",
         ));
     }
+    if roll(faults.forbidden_rate) {
+        return Some(error_response(
+            protocol,
+            StatusCode::FORBIDDEN,
+            "simulated forbidden: this key may not use the resource",
+        ));
+    }
     if roll(faults.rate_limit_rate) {
         let after = faults.retry_after.as_deref().unwrap_or("1");
         let mut response = error_response(

@@ -1,6 +1,8 @@
 //! The simulated Kling video tasks API, under `/kling`: `POST /kling/v1/videos/text2video`,
-//! `GET /kling/v1/videos/text2video/{task_id or external_task_id}`, and the finished files
-//! (public, like Kling's CDN) at `GET /kling/files/{task_id}.mp4`.
+//! `GET /kling/v1/videos/text2video/{task_id or external_task_id}`, the same two under
+//! `image2video` (which requires `image`: a URL or bare base64, a `data:` prefix refused as Kling
+//! does; each endpoint finds only its own tasks), and the finished files (public, like Kling's
+//! CDN) at `GET /kling/files/{task_id}.mp4`.
 //!
 //! Requests carry `Authorization: Bearer <JWT>` (HS256, claims `iss`, `exp`, `nbf`): signed with
 //! [`super::SimSettings::api_key`] when it is set, else any well-formed token with an `iss` is
@@ -52,6 +54,8 @@ pub(super) fn routes() -> Router<Shared> {
     Router::new()
         .route("/kling/v1/videos/text2video", post(create_task))
         .route("/kling/v1/videos/text2video/{id}", get(get_task))
+        .route("/kling/v1/videos/image2video", post(create_image_task))
+        .route("/kling/v1/videos/image2video/{id}", get(get_image_task))
         .route("/kling/files/{file}", get(video_file))
 }
 
@@ -231,11 +235,24 @@ fn bad_request(message: &str) -> Response {
 }
 
 async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    create(&state, &headers, &body, false).await
+}
+
+async fn create_image_task(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    create(&state, &headers, &body, true).await
+}
+
+/// Both create endpoints; `image2video` also requires `image`.
+async fn create(state: &Shared, headers: &HeaderMap, body: &Bytes, from_image: bool) -> Response {
     state.submits.fetch_add(1, Ordering::Relaxed);
-    if let Some(response) = kling_guard(&state, &headers).await {
+    if let Some(response) = kling_guard(state, headers).await {
         return response;
     }
-    let request = match parse_body(&body) {
+    let request = match parse_body(body) {
         Ok(request) => request,
         Err(reason) => return kling_error(StatusCode::BAD_REQUEST, 1200, &reason),
     };
@@ -261,6 +278,19 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
             Some(r.clone())
         }
         Some(other) => return bad_request(&format!("aspect_ratio is invalid: {other}")),
+    };
+    let image = if from_image {
+        match request.get("image").and_then(|i| i.as_str()) {
+            None | Some("") => return bad_request("image is required"),
+            Some(i) if i.starts_with("data:") => {
+                return bad_request(
+                    "image must be an image URL or bare base64, without a data: prefix",
+                )
+            }
+            Some(i) => Some(i.to_owned()),
+        }
+    } else {
+        None
     };
     let external_id = match request.get("external_task_id") {
         None | Some(serde_json::Value::Null) => None,
@@ -289,6 +319,7 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
         clip_seconds,
         size: aspect_ratio,
         external_id,
+        image,
     };
     let id = state.create_job(task_id(), job);
     if state.answer_lost(prompt).await {
@@ -298,7 +329,7 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
             "simulated lost answer",
         );
     }
-    let base = public_base(&state, &headers);
+    let base = public_base(state, headers);
     match state.render(&id, |job, now| render_task(&id, job, now, &base, false)) {
         Some(body) => json_response(StatusCode::OK, body),
         None => task_not_found(),
@@ -319,14 +350,32 @@ async fn get_task(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    state.count_status_call(&id);
-    if let Some(response) = kling_guard(&state, &headers).await {
+    query(&state, &id, &headers, false).await
+}
+
+async fn get_image_task(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    query(&state, &id, &headers, true).await
+}
+
+/// A task query on the text or the image endpoint, which knows only its own tasks.
+async fn query(state: &Shared, id: &str, headers: &HeaderMap, from_image: bool) -> Response {
+    state.count_status_call(id);
+    if let Some(response) = kling_guard(state, headers).await {
         return response;
     }
-    let base = public_base(&state, &headers);
-    let render =
-        |task: &str| state.render(task, |job, now| render_task(task, job, now, &base, true));
-    let body = render(&id).or_else(|| state.find_external(&id).and_then(|task| render(&task)));
+    let base = public_base(state, headers);
+    let task = match state.made_from_image(id) {
+        Some(_) => Some(id.to_owned()),
+        None => state.find_external(id),
+    }
+    .filter(|task| state.made_from_image(task) == Some(from_image));
+    let body = task.and_then(|task| {
+        state.render(&task, |job, now| render_task(&task, job, now, &base, true))
+    });
     match body {
         Some(body) => json_response(StatusCode::OK, body),
         None => task_not_found(),

@@ -187,6 +187,7 @@ async fn create_generation(
         clip_seconds,
         size: aspect_ratio,
         external_id: None,
+        image: None,
     };
     let id = state.create_job(uuid::Uuid::new_v4().to_string(), job);
     if state.answer_lost(prompt).await {

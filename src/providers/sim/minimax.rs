@@ -224,6 +224,7 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
             .and_then(|r| r.as_str())
             .map(str::to_owned),
         external_id: None,
+        image: None,
     };
     let id = state.create_job(task_id(), request);
     if state.answer_lost(prompt).await {

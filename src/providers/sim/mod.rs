@@ -115,6 +115,8 @@ pub struct SimFaults {
     pub error_rate: f64,
     /// Answer 429 with `Retry-After` ([`SimFaults::retry_after`]).
     pub rate_limit_rate: f64,
+    /// Answer 403 (a key that may not use the resource).
+    pub forbidden_rate: f64,
     /// The `Retry-After` value of a 429, verbatim (default `1`): tests send a day, or a number
     /// of seconds no date can hold.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -130,6 +132,7 @@ impl SimFaults {
         for (name, rate) in [
             ("errorRate", self.error_rate),
             ("rateLimitRate", self.rate_limit_rate),
+            ("forbiddenRate", self.forbidden_rate),
             ("hangRate", self.hang_rate),
         ] {
             if !(0.0..=1.0).contains(&rate) {
@@ -146,6 +149,9 @@ impl SimFaults {
 pub struct SimStats {
     /// Jobs currently held (an OpenAI-style delete removes one).
     pub jobs: u64,
+    /// Of those, the ones submitted with an input image (image to video).
+    #[serde(default)]
+    pub image_jobs: u64,
     /// Submit requests received, including refused ones.
     pub submits: u64,
     /// Status requests received, including refused ones.
@@ -264,6 +270,7 @@ impl SimHandle {
         let faults = SimFaults {
             error_rate: clamp(faults.error_rate),
             rate_limit_rate: clamp(faults.rate_limit_rate),
+            forbidden_rate: clamp(faults.forbidden_rate),
             latency_ms: faults.latency_ms,
             hang_rate: clamp(faults.hang_rate),
             retry_after: faults.retry_after,

@@ -150,6 +150,7 @@ async fn create_video(State(state): State<Shared>, headers: HeaderMap, body: Byt
         clip_seconds,
         size,
         external_id: None,
+        image: None,
     };
     let id = state.create_job(id, request);
     if state.answer_lost(prompt).await {

@@ -234,6 +234,7 @@ async fn create_prediction(
         clip_seconds: seconds_field(input.and_then(|i| i.get("duration"))),
         size: None,
         external_id: None,
+        image: None,
     };
     let id = state.create_job(replicate_id(), request);
     if state.answer_lost(prompt).await {

@@ -1,4 +1,6 @@
-//! The simulated Runway tasks API, under `/runway`: `POST /runway/v1/text_to_video`,
+//! The simulated Runway tasks API, under `/runway`: `POST /runway/v1/text_to_video` and
+//! `POST /runway/v1/image_to_video` (the same body plus a required `promptImage`: an https URL
+//! or a data URI),
 //! `GET|DELETE /runway/v1/tasks/{id}`, and the output files at `GET /runway/files/{id}.mp4`
 //! (public, like Runway's signed CDN URLs).
 //!
@@ -51,6 +53,7 @@ pub(super) fn provider_settings(base_url: &str) -> ProviderSettings {
 pub(super) fn routes() -> Router<Shared> {
     Router::new()
         .route("/runway/v1/text_to_video", post(create_task))
+        .route("/runway/v1/image_to_video", post(create_image_task))
         .route("/runway/v1/tasks/{id}", get(get_task).delete(delete_task))
         .route("/runway/files/{file}", get(output_file))
 }
@@ -99,11 +102,24 @@ fn is_ratio(text: &str) -> bool {
 }
 
 async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Bytes) -> Response {
+    create(&state, &headers, &body, false).await
+}
+
+async fn create_image_task(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    create(&state, &headers, &body, true).await
+}
+
+/// Both create endpoints; `image_to_video` also requires `promptImage`.
+async fn create(state: &Shared, headers: &HeaderMap, body: &Bytes, from_image: bool) -> Response {
     state.submits.fetch_add(1, Ordering::Relaxed);
-    if let Some(response) = check(&state, &headers).await {
+    if let Some(response) = check(state, headers).await {
         return response;
     }
-    let request = match parse_body(&body) {
+    let request = match parse_body(body) {
         Ok(request) => request,
         Err(reason) => return error_response(RUNWAY, StatusCode::BAD_REQUEST, &reason),
     };
@@ -117,6 +133,23 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
     let Some(prompt) = text("promptText").filter(|p| !p.is_empty()) else {
         return invalid_body("promptText", "Invalid input: expected a non-empty string");
     };
+    let image = text("promptImage").map(str::to_owned);
+    match (&image, from_image) {
+        (None, true) => {
+            return invalid_body(
+                "promptImage",
+                "Invalid input: expected string, received undefined",
+            )
+        }
+        (Some(i), true) if !(i.starts_with("https://") || i.starts_with("data:image/")) => {
+            return invalid_body(
+                "promptImage",
+                "Invalid input: expected an HTTPS URL or a data URI",
+            )
+        }
+        (Some(_), false) => return invalid_body("promptImage", "Unrecognized key: promptImage"),
+        _ => {}
+    }
     let Some(ratio) = text("ratio").filter(|r| is_ratio(r)) else {
         return invalid_body("ratio", "Invalid input: expected a ratio such as 1280:720");
     };
@@ -137,6 +170,7 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
         clip_seconds,
         size: Some(ratio.to_owned()),
         external_id: None,
+        image,
     };
     let id = state.create_job(uuid::Uuid::new_v4().to_string(), request);
     if state.answer_lost(prompt).await {

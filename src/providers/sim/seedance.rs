@@ -237,6 +237,7 @@ async fn create_task(State(state): State<Shared>, headers: HeaderMap, body: Byte
         clip_seconds,
         size: Some(shape),
         external_id: None,
+        image: None,
     };
     let id = state.create_job(task_id(), job);
     if state.answer_lost(prompt).await {

@@ -77,6 +77,8 @@ pub(super) struct JobRequest {
     pub(super) size: Option<String>,
     /// A client-set id (Kling's `external_task_id`), by which the job can be found again.
     pub(super) external_id: Option<String>,
+    /// The input image of an image-to-video submit.
+    pub(super) image: Option<String>,
 }
 
 /// One simulated job; its state is computed from the time since `created`.
@@ -164,6 +166,7 @@ impl SimState {
         let faults = SimFaults {
             error_rate: 0.0,
             rate_limit_rate: settings.rate_limit_rate.clamp(0.0, 1.0),
+            forbidden_rate: 0.0,
             latency_ms: settings.latency_ms,
             hang_rate: 0.0,
             retry_after: None,
@@ -190,13 +193,16 @@ impl SimState {
 
     pub(super) fn stats(&self) -> SimStats {
         let mut by_job = HashMap::new();
+        let mut image_jobs = 0;
         for shard in &*self.shards {
             for (id, job) in lock(shard).iter() {
                 by_job.insert(id.clone(), job.status_calls);
+                image_jobs += u64::from(job.request.image.is_some());
             }
         }
         SimStats {
             jobs: by_job.len() as u64,
+            image_jobs,
             submits: self.submits.load(Ordering::Relaxed),
             status_calls: self.status_calls.load(Ordering::Relaxed),
             status_calls_by_job: by_job,
@@ -248,6 +254,13 @@ impl SimState {
         }
         lock(self.shard(&id)).insert(id.clone(), job);
         id
+    }
+
+    /// Whether job `id` was submitted with an input image; `None` when there is no such job.
+    pub(super) fn made_from_image(&self, id: &str) -> Option<bool> {
+        lock(self.shard(id))
+            .get(id)
+            .map(|job| job.request.image.is_some())
     }
 
     /// The id of the job created with client-set id `external_id`, if any.
@@ -330,6 +343,7 @@ pub(super) fn test_job(duration_ms: u64, fail: bool) -> Job {
         clip_seconds: None,
         size: None,
         external_id: None,
+        image: None,
     };
     Job::new(request, Duration::from_millis(duration_ms), fail)
 }

@@ -340,6 +340,7 @@ async fn predict_long_running(
             .and_then(|a| a.as_str())
             .map(str::to_owned),
         external_id: None,
+        image: None,
     };
     let id = state.create_job(id, job);
     if state.answer_lost(prompt).await {
