@@ -140,6 +140,9 @@ pub(super) fn timeline(
         });
     }
     if let Some(at) = task.last_check_at {
+        // The check that saw the provider finish records itself after publishing the outcome,
+        // so its row write may land just after the task ended: it still came first.
+        let at = task.finished_at.map_or(at, |finished| at.min(finished));
         out.push(TimelineEntry {
             at,
             kind: "check",
@@ -451,6 +454,17 @@ mod tests {
         assert!(
             entries[3].detail.contains("4 progress checks"),
             "{entries:?}"
+        );
+    }
+
+    #[test]
+    fn the_last_check_comes_before_the_end_it_saw_even_when_written_after_it() {
+        let mut t = task();
+        t.last_check_at = Some(t.finished_at.unwrap() + chrono::Duration::milliseconds(40));
+        let kinds: Vec<&str> = timeline(&t, &[], &[], &[]).iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            ["received", "submit", "started", "check", "finished"]
         );
     }
 

@@ -140,6 +140,8 @@ mod tests {
             assert!(validate_image_url(bad).is_err(), "{bad} accepted");
         }
         let long = format!("https://example.com/{}", "a".repeat(2100));
-        assert!(validate_image_url(&long).unwrap_err().contains("limit is 2048"));
+        assert!(validate_image_url(&long)
+            .unwrap_err()
+            .contains("limit is 2048"));
     }
 }

@@ -262,12 +262,7 @@ impl VideoProvider for RunwayProvider {
         };
         let created = self
             .transport
-            .submit(
-                path,
-                &body,
-                request.traceparent.as_deref(),
-                "task",
-            )
+            .submit(path, &body, request.traceparent.as_deref(), "task")
             .await?;
         tracing::debug!(provider = %self.transport.name(), request_id = %request.request_id, task_id = %created.id, "runway task submitted");
         Ok(created)

@@ -206,7 +206,11 @@ async fn an_input_image_goes_to_the_kinds_that_take_one_and_is_refused_elsewhere
             .await
             .unwrap_or_else(|| panic!("{kind}: the image task completes"));
         let task = env.store.get(id).await.expect("read").expect("row");
-        assert_eq!(task.image_url.as_deref(), Some(image), "{kind}: kept on the row");
+        assert_eq!(
+            task.image_url.as_deref(),
+            Some(image),
+            "{kind}: kept on the row"
+        );
     }
     for (id, reason) in [
         (&refused, "imageUrl: provider `sim` takes no input image"),

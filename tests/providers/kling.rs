@@ -606,7 +606,10 @@ async fn a_repeated_external_task_id_is_refused() {
 
 #[test]
 fn a_data_uri_is_sent_to_kling_as_bare_base64_and_a_url_as_given() {
-    assert_eq!(kling::image_field("data:image/png;base64,iVBORw0KGgo="), "iVBORw0KGgo=");
+    assert_eq!(
+        kling::image_field("data:image/png;base64,iVBORw0KGgo="),
+        "iVBORw0KGgo="
+    );
     assert_eq!(
         kling::image_field("https://cdn.example.com/frame.png"),
         "https://cdn.example.com/frame.png"
@@ -626,7 +629,10 @@ async fn an_image_request_goes_to_image2video_and_is_queried_and_looked_up_there
         .id
         .strip_prefix("image2video/")
         .unwrap_or_else(|| panic!("an image task's id says so: {}", created.id));
-    assert!(raw.len() == 18 && raw.bytes().all(|b| b.is_ascii_digit()), "{raw}");
+    assert!(
+        raw.len() == 18 && raw.bytes().all(|b| b.is_ascii_digit()),
+        "{raw}"
+    );
     let seen = poll_to_end(provider.as_ref(), &created).await;
     let done = last(&seen);
     assert_eq!(done.state, ProviderState::Succeeded, "{seen:?}");

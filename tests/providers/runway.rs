@@ -626,10 +626,16 @@ async fn an_image_request_goes_to_image_to_video_with_its_prompt_image() {
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(
         (&sent[0]["method"], &sent[0]["path"]),
-        (&serde_json::json!("POST"), &serde_json::json!("/v1/image_to_video")),
+        (
+            &serde_json::json!("POST"),
+            &serde_json::json!("/v1/image_to_video")
+        ),
         "{sent:?}"
     );
-    assert_eq!(sent[0]["body"]["promptImage"], "https://cdn.example.com/frame.png");
+    assert_eq!(
+        sent[0]["body"]["promptImage"],
+        "https://cdn.example.com/frame.png"
+    );
     assert_eq!(sent[0]["body"]["promptText"], "the frame comes alive");
     assert_eq!(sent[0]["body"]["ratio"], "1280:720");
     assert!(runway.takes_image());

@@ -373,9 +373,8 @@ async fn query(state: &Shared, id: &str, headers: &HeaderMap, from_image: bool) 
         None => state.find_external(id),
     }
     .filter(|task| state.made_from_image(task) == Some(from_image));
-    let body = task.and_then(|task| {
-        state.render(&task, |job, now| render_task(&task, job, now, &base, true))
-    });
+    let body = task
+        .and_then(|task| state.render(&task, |job, now| render_task(&task, job, now, &base, true)));
     match body {
         Some(body) => json_response(StatusCode::OK, body),
         None => task_not_found(),
