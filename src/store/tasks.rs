@@ -319,7 +319,9 @@ impl Store {
     }
 
     /// Records the provider's job of `attempt_id`, in a statement of its own the moment the job
-    /// is known. False when the task left `pending` meanwhile (cancelled while submitting).
+    /// is known. False when the task left `pending` meanwhile (cancelled while submitting): the
+    /// job is still written on the ended row when it has none, so every job the provider holds
+    /// stays some task's (the console shows it; the reliability books count on it).
     ///
     /// # Errors
     /// Database errors.
@@ -329,16 +331,18 @@ impl Store {
         attempt_id: &str,
         job_id: &str,
     ) -> Result<bool, StoreError> {
-        let done = sqlx::query(
+        let pending: Option<bool> = sqlx::query_scalar(
             "UPDATE video_tasks SET provider_task_id = $3, updated_at = now()
-             WHERE request_id = $1 AND status = 'pending' AND submit_attempt_id = $2",
+             WHERE request_id = $1 AND provider_task_id IS NULL
+               AND (status <> 'pending' OR submit_attempt_id = $2)
+             RETURNING status = 'pending'",
         )
         .bind(request_id)
         .bind(attempt_id)
         .bind(job_id)
-        .execute(self.pool())
+        .fetch_optional(self.pool())
         .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(pending == Some(true))
     }
 
     /// Tasks changed at or after `since`, of one tenant (`None`: every tenant), at most `limit`

@@ -309,3 +309,37 @@ async fn a_job_that_appears_just_after_the_timeout_is_found_not_made_twice() {
     sim.shutdown().await;
     env.cleanup().await;
 }
+
+/// A cancel that lands while the submit is in flight ends the task at once; the job the provider
+/// answered with afterwards is still written on the cancelled row (and cancelled there where
+/// the protocol can), so no job is left that no task points at.
+#[tokio::test]
+async fn a_task_cancelled_while_its_submit_is_in_flight_keeps_the_job_it_got() {
+    let app = spawn_app(500).await;
+    app.sim.set_faults(SimFaults {
+        latency_ms: 1500,
+        ..SimFaults::default()
+    });
+    let request = new_request("vk-once", "sora-2", "cancelled mid-submit");
+    let id = app.submit(&request).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.client
+        .cancel(&id, "vk-once", Some("changed my mind".to_owned()))
+        .await
+        .expect("cancel published");
+    app.events
+        .wait_for(|e| e.is("video.generation.cancelled", &id), DONE)
+        .await
+        .expect("the task is cancelled while its submit is in flight");
+    let recorded = test_support::eventually(Duration::from_secs(10), || async {
+        app.task(&id).await.provider_task_id
+    })
+    .await
+    .expect("the job the provider answered with is written on the cancelled row");
+    let task = app.task(&id).await;
+    assert_eq!(task.status, TaskStatus::Cancelled);
+    assert!(!recorded.is_empty());
+    assert_eq!(app.sim.stats().submits, 1);
+    app.sim.set_faults(SimFaults::default());
+    app.stop().await;
+}
