@@ -174,7 +174,9 @@ impl GenerationOrchestrator {
             // The provider's side of the call continues this span.
             request.traceparent =
                 Some(span.in_scope(|| crate::broker::onward_traceparent(traceparent.as_deref())));
-            let submitted = provider.submit(&request).instrument(span).await;
+            let submitted = self
+                .holding_claim(&request, provider.submit(&request).instrument(span))
+                .await;
             let e = match submitted {
                 Ok(job) => {
                     crash_if(self.crash_at, CrashPoint::AfterProviderAccepted);
@@ -192,7 +194,10 @@ impl GenerationOrchestrator {
                 Err(e) if e.unanswered() => {
                     warn!(attempt, error = %e, "submit sent but not answered: the provider may have created the job");
                     let mut looked = self
-                        .look_up(provider.as_ref(), &request, attempted_at)
+                        .holding_claim(
+                            &request,
+                            self.look_up(provider.as_ref(), &request, attempted_at),
+                        )
                         .await?;
                     if matches!(looked, Looked::Absent) {
                         // Absent twice, a pause apart, before it counts.
@@ -201,7 +206,10 @@ impl GenerationOrchestrator {
                             _ = tokio::time::sleep(LOOKUP_SETTLE) => {}
                         }
                         looked = self
-                            .look_up(provider.as_ref(), &request, attempted_at)
+                            .holding_claim(
+                                &request,
+                                self.look_up(provider.as_ref(), &request, attempted_at),
+                            )
                             .await?;
                     }
                     match looked {
@@ -273,6 +281,35 @@ impl GenerationOrchestrator {
                 let ending =
                     Ending::failure(&r.request_id, &[TaskStatus::Pending], &error, retryable);
                 self.fail(ending, &traceparent).await
+            }
+        }
+    }
+
+    /// Awaits `call` (a POST or a lookup of `request`'s attempt) while keeping the task's claim
+    /// alive every third of `generation.pending_grace_ms`, so the sweeper never re-drives a
+    /// submit in progress however long the provider takes to answer. No task is spawned: the
+    /// refresh runs between polls of `call`.
+    async fn holding_claim<T>(
+        &self,
+        request: &SubmitRequest,
+        call: impl std::future::Future<Output = T>,
+    ) -> T {
+        let every = (self.settings.pending_grace() / 3).max(Duration::from_millis(100));
+        let mut refresh = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                out = &mut call => return out,
+                _ = refresh.tick() => {
+                    if let Err(e) = self
+                        .store
+                        .keep_submit_claim(&request.request_id, &request.attempt_id)
+                        .await
+                    {
+                        warn!(error = %e, "the submit's claim was not refreshed");
+                    }
+                }
             }
         }
     }

@@ -298,6 +298,27 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Keeps the claim of a submit in flight alive (`updated_at`), so the sweeper's
+    /// `claim_stale_pending` never takes a task whose POST is still waiting for its answer.
+    ///
+    /// # Errors
+    /// Database errors.
+    pub async fn keep_submit_claim(
+        &self,
+        request_id: &str,
+        attempt_id: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE video_tasks SET updated_at = now()
+             WHERE request_id = $1 AND status = 'pending' AND submit_attempt_id = $2",
+        )
+        .bind(request_id)
+        .bind(attempt_id)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
     /// Forgets an attempt the provider answered without creating a job.
     ///
     /// # Errors

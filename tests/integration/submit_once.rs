@@ -343,3 +343,44 @@ async fn a_task_cancelled_while_its_submit_is_in_flight_keeps_the_job_it_got() {
     app.sim.set_faults(SimFaults::default());
     app.stop().await;
 }
+
+/// A POST slower than `generation.pending_grace_ms` keeps its claim alive while it waits, so the
+/// sweeper does not re-drive the task meanwhile (which would find an attempt of unknown outcome
+/// and fail the task while its job was being made).
+#[tokio::test]
+async fn a_submit_slower_than_the_pending_grace_keeps_its_claim_and_completes() {
+    let app = spawn_app_with(
+        300,
+        &[
+            ("APP__GENERATION__PENDING_GRACE_MS", "1500"),
+            ("APP__PROVIDERS__SIM__TIMEOUT_MS", "10000"),
+        ],
+    )
+    .await;
+    app.sim.set_faults(SimFaults {
+        latency_ms: 4000,
+        ..SimFaults::default()
+    });
+    let request = new_request("vk-once", "sora-2", "a slow provider");
+    let id = app.submit(&request).await;
+    let terminal = app
+        .events
+        .wait_for(
+            |e| {
+                e.request_id() == Some(id.as_str())
+                    && (e.routing_key == "video.generation.completed"
+                        || e.routing_key == "video.generation.failed")
+            },
+            Duration::from_secs(45),
+        )
+        .await
+        .expect("the task ends");
+    app.sim.set_faults(SimFaults::default());
+    assert_eq!(
+        terminal.routing_key, "video.generation.completed",
+        "not re-driven mid-submit: {}",
+        terminal.body
+    );
+    assert_eq!(app.sim.stats().submits, 1);
+    app.stop().await;
+}
