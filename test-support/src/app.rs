@@ -14,6 +14,7 @@ use video_orchestrator::client::Client;
 use video_orchestrator::config::Settings;
 use video_orchestrator::messages::VideoGenerationRequested;
 use video_orchestrator::providers::sim::{SimHandle, SimProvider, SimSettings};
+use video_orchestrator::providers::ProviderSettings;
 use video_orchestrator::store::Task;
 
 use crate::env::TestEnv;
@@ -185,6 +186,23 @@ pub async fn spawn_app(sim_duration_ms: u64) -> TestApp {
 pub async fn spawn_app_with(sim_duration_ms: u64, extra: &[(&str, &str)]) -> TestApp {
     let sim = start_sim(sim_duration_ms).await;
     let env = env_with(&sim, extra).await;
+    assemble(sim, env).await
+}
+
+/// [`spawn_app`] with more providers beside `sim`: `providers` gets the simulator (for
+/// [`SimHandle::provider_settings`]) and returns `(name, settings)` pairs.
+pub async fn spawn_app_with_providers(
+    sim_duration_ms: u64,
+    providers: impl FnOnce(&SimHandle) -> Vec<(String, ProviderSettings)>,
+) -> TestApp {
+    let sim = start_sim(sim_duration_ms).await;
+    let mut env = env_with(&sim, &[]).await;
+    env.settings.providers.extend(providers(&sim));
+    assemble(sim, env).await
+}
+
+/// The event collector, one instance with every role and a client on `env`.
+async fn assemble(sim: SimHandle, env: TestEnv) -> TestApp {
     let events = env.events().await;
     let service = Instance::start_all(&env.settings).await;
     let client_stop = CancellationToken::new();

@@ -6,9 +6,8 @@
 
 use std::time::Duration;
 
-use test_support::app::{env_with, start_sim};
-use test_support::Instance;
-use video_orchestrator::client::{new_request, Client};
+use test_support::app::spawn_app_with_providers;
+use video_orchestrator::client::new_request;
 use video_orchestrator::providers::sim::model_for;
 use video_orchestrator::providers::ProviderKind;
 use video_orchestrator::store::TaskStatus;
@@ -22,20 +21,19 @@ fn resolvable(kind: ProviderKind) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_completes_a_task_and_a_lost_submit_leaves_exactly_one_job() {
-    let sim = start_sim(400).await;
-    let mut env = env_with(&sim, &[]).await;
-    for kind in ProviderKind::ALL {
-        let mut provider = sim.provider_settings(kind);
-        // A lost answer is noticed after this long (the simulator hangs 60 s).
-        provider.timeout_ms = 1_500;
-        env.settings
-            .providers
-            .insert(kind.as_str().to_owned(), provider);
-    }
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let client = Client::new(env.broker().await, stop.clone());
+    let app = spawn_app_with_providers(400, |sim| {
+        ProviderKind::ALL
+            .into_iter()
+            .map(|kind| {
+                let mut provider = sim.provider_settings(kind);
+                // A lost answer is noticed after this long (the simulator hangs 60 s).
+                provider.timeout_ms = 1_500;
+                (kind.as_str().to_owned(), provider)
+            })
+            .collect()
+    })
+    .await;
+    let (client, events, env, sim) = (&app.client, &app.events, &app.env, &app.sim);
 
     let mut plain = Vec::new();
     let mut lost = Vec::new();
@@ -93,31 +91,26 @@ async fn every_kind_completes_a_task_and_a_lost_submit_leaves_exactly_one_job() 
         "exactly one job per task at the simulator"
     );
 
-    stop.cancel();
-    drop(client);
-    events.close().await;
-    service.stop().await;
-    sim.shutdown().await;
-    env.cleanup().await;
+    app.stop().await;
 }
 
 /// `max_status_rps` caps one provider's status calls on this instance; checks over the cap are
 /// rescheduled, never waited for, so another provider's tasks go on at their own pace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_capped_provider_is_throttled_without_holding_up_another() {
-    let sim = start_sim(300).await;
-    let mut env = env_with(&sim, &[]).await;
-    let mut capped = sim.provider_settings(ProviderKind::Replicate);
-    capped.max_status_rps = Some(1.0);
-    env.settings.providers.insert("capped".to_owned(), capped);
-    env.settings.providers.insert(
-        "free".to_owned(),
-        sim.provider_settings(ProviderKind::OpenaiVideos),
-    );
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let client = Client::new(env.broker().await, stop.clone());
+    let app = spawn_app_with_providers(300, |sim| {
+        let mut capped = sim.provider_settings(ProviderKind::Replicate);
+        capped.max_status_rps = Some(1.0);
+        vec![
+            ("capped".to_owned(), capped),
+            (
+                "free".to_owned(),
+                sim.provider_settings(ProviderKind::OpenaiVideos),
+            ),
+        ]
+    })
+    .await;
+    let (client, events) = (&app.client, &app.events);
 
     let mut ids = Vec::new();
     for (provider, n) in [("capped", 6), ("free", 6)] {
@@ -137,7 +130,7 @@ async fn a_capped_provider_is_throttled_without_holding_up_another() {
             .await
             .unwrap_or_else(|| panic!("{provider}: {id} completes"));
     }
-    let page = reqwest::get(format!("http://{}/metrics", service.http))
+    let page = reqwest::get(format!("http://{}/metrics", app.service.http))
         .await
         .expect("scrape")
         .text()
@@ -156,32 +149,26 @@ async fn a_capped_provider_is_throttled_without_holding_up_another() {
     );
     assert!(counters.sum("video_progress_checks_total", "outcome=\"throttled\"") > 0);
 
-    stop.cancel();
-    drop(client);
-    events.close().await;
-    service.stop().await;
-    sim.shutdown().await;
-    env.cleanup().await;
+    app.stop().await;
 }
 
 /// `imageUrl` reaches the kinds that take an input image (and is kept on the row, for a
 /// re-drive); for any other kind the request is refused before anything is sent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_input_image_goes_to_the_kinds_that_take_one_and_is_refused_elsewhere() {
-    let sim = start_sim(400).await;
-    let mut env = env_with(&sim, &[]).await;
-    for kind in [ProviderKind::Runway, ProviderKind::Kling, ProviderKind::Fal] {
-        let mut provider = sim.provider_settings(kind);
-        // Runway's 5 s floor would only slow the test down.
-        provider.min_status_interval_ms = Some(0);
-        env.settings
-            .providers
-            .insert(kind.as_str().to_owned(), provider);
-    }
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
-    let stop = tokio_util::sync::CancellationToken::new();
-    let client = Client::new(env.broker().await, stop.clone());
+    let app = spawn_app_with_providers(400, |sim| {
+        [ProviderKind::Runway, ProviderKind::Kling, ProviderKind::Fal]
+            .into_iter()
+            .map(|kind| {
+                let mut provider = sim.provider_settings(kind);
+                // Runway's 5 s floor would only slow the test down.
+                provider.min_status_interval_ms = Some(0);
+                (kind.as_str().to_owned(), provider)
+            })
+            .collect()
+    })
+    .await;
+    let (client, events, env, sim) = (&app.client, &app.events, &app.env, &app.sim);
     let image = "data:image/png;base64,iVBORw0KGgo=";
 
     let mut taken = Vec::new();
@@ -231,10 +218,5 @@ async fn an_input_image_goes_to_the_kinds_that_take_one_and_is_refused_elsewhere
         "one job per accepted task, each with its image; nothing sent for the refused ones"
     );
 
-    stop.cancel();
-    drop(client);
-    events.close().await;
-    service.stop().await;
-    sim.shutdown().await;
-    env.cleanup().await;
+    app.stop().await;
 }

@@ -271,20 +271,18 @@ async fn a_crash_before_the_job_id_was_recorded_is_resolved_through_klings_exter
 #[tokio::test]
 async fn a_job_that_appears_just_after_the_timeout_is_found_not_made_twice() {
     use video_orchestrator::providers::ProviderKind;
-    let sim = start_sim(500).await;
-    let mut env = env_with(&sim, &[]).await;
-    let mut kling = sim.provider_settings(ProviderKind::Kling);
-    // Under the simulator's 1.5 s before a `[late]` job can be looked up.
-    kling.timeout_ms = 1_000;
-    env.settings.providers.insert("kling".to_owned(), kling);
-    let events = env.events().await;
-    let service = Instance::start_all(&env.settings).await;
-    let stop = CancellationToken::new();
-    let client = Client::new(env.broker().await, stop.clone());
+    let app = test_support::app::spawn_app_with_providers(500, |sim| {
+        let mut kling = sim.provider_settings(ProviderKind::Kling);
+        // Under the simulator's 1.5 s before a `[late]` job can be looked up.
+        kling.timeout_ms = 1_000;
+        vec![("kling".to_owned(), kling)]
+    })
+    .await;
     let mut request = new_request("vk-late", "kling-v2-6", "landed as we gave up [late]");
     request.provider = Some("kling".to_owned());
-    let id = client.submit(&request).await.expect("published");
-    let terminal = events
+    let id = app.submit(&request).await;
+    let terminal = app
+        .events
         .wait_for(
             |e| {
                 e.request_id() == Some(id.as_str())
@@ -295,19 +293,14 @@ async fn a_job_that_appears_just_after_the_timeout_is_found_not_made_twice() {
         )
         .await
         .expect("the task ends");
-    let stats = sim.stats();
+    let stats = app.sim.stats();
     assert_eq!(
         terminal.routing_key, "video.generation.completed",
         "the late job is found by the attempt id and tracked: {}",
         terminal.body
     );
     assert_eq!((stats.submits, stats.jobs), (1, 1), "one POST, one job");
-    stop.cancel();
-    drop(client);
-    events.close().await;
-    service.stop().await;
-    sim.shutdown().await;
-    env.cleanup().await;
+    app.stop().await;
 }
 
 /// A cancel that lands while the submit is in flight ends the task at once; the job the provider

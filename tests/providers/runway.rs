@@ -207,6 +207,7 @@ async fn runway_stub() -> Stub {
     serve(
         Router::new()
             .route("/v1/text_to_video", post(create))
+            .route("/v1/image_to_video", post(create))
             .route("/v1/tasks/{id}", get(task_route).delete(task_route)),
     )
     .await
@@ -617,7 +618,7 @@ async fn a_wrong_key_is_permanent() {
 
 #[tokio::test]
 async fn an_image_request_goes_to_image_to_video_with_its_prompt_image() {
-    let stub = runway_stub_with_image().await;
+    let stub = runway_stub().await;
     let runway = provider(ProviderKind::Runway, &stub.base_url);
     let mut from_image = request("the frame comes alive");
     from_image.image_url = Some("https://cdn.example.com/frame.png".to_owned());
@@ -649,21 +650,4 @@ async fn an_image_request_goes_to_image_to_video_with_its_prompt_image() {
     let stats = sim.stats();
     assert_eq!((stats.jobs, stats.image_jobs), (1, 1));
     sim.shutdown().await;
-}
-
-async fn runway_stub_with_image() -> Stub {
-    async fn create(
-        State(recorded): State<Recorded>,
-        method: Method,
-        uri: Uri,
-        headers: HeaderMap,
-        body: Bytes,
-    ) -> Response {
-        recorded
-            .lock()
-            .expect("lock")
-            .push(seen(&method, &uri, &headers, &body));
-        json_reply(StatusCode::OK, CREATED)
-    }
-    serve(Router::new().route("/v1/image_to_video", post(create))).await
 }
